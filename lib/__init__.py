@@ -1,0 +1,1 @@
+"""zhtune: fine-tuning Chinese pretrained language models with JAX/Flax."""

@@ -1,0 +1,1 @@
+"""Flax NNX ports of Hugging Face model families."""

@@ -1,0 +1,557 @@
+"""BERT and ERNIE encoders in Flax NNX, with the masked-LM and sequence-classification heads.
+
+The module tree mirrors Hugging Face's (``bert.encoder.layer.0.attention.self.query``, LayerNorm
+attributes named ``LayerNorm``) so that ``lib.hf`` converts parameter names by its generic rule.
+What the rule cannot express is stated in each class's ``hf_to_ours`` / ``ours_to_hf``:
+
+- the encoder prefix: HF's ``bert.`` or ``ernie.``; ours is always ``bert.``, so a task reads
+  ``model.bert`` whatever the family;
+- old checkpoints: ``LayerNorm.gamma/beta`` names and a saved ``embeddings.position_ids`` buffer;
+- heads the checkpoint has but the model does not (the pretraining heads ``cls.*`` when
+  fine-tuning a classifier, the pooler when loading a masked LM): dropped by name;
+- heads the model has but the checkpoint does not (the pooler and classifier of a classifier
+  built on a pretrained encoder): initialized fresh, and logged;
+- the masked-LM decoder, tied to the word embeddings: a checkpoint's copy is checked and dropped.
+
+ERNIE (1.0/3.0, model_type ``ernie``) is BERT plus an optional task-type embedding
+(``use_task_id``); the same classes serve both, configured by ``BertConfig.model_type``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from lib import hf
+from lib.errors import UserError
+from lib.models import layers
+
+log = logging.getLogger(__name__)
+
+StateDict = dict[str, np.ndarray]
+
+# config.json keys that to_hf rewrites rather than copies from the source checkpoint.
+_REWRITTEN_HF_KEYS = (
+    "architectures", "id2label", "label2id", "num_labels", "torch_dtype", "dtype",
+    "transformers_version",
+)
+
+
+# ----------------------------------------------------------------------------- config
+
+
+@dataclasses.dataclass
+class BertConfig:
+    """Architecture of a BERT/ERNIE model (field names as in HF ``config.json``)."""
+
+    vocab_size: int = 21128
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    # Dropout before the classifier; None means hidden_dropout_prob (as HF).
+    classifier_dropout: float | None = None
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    pad_token_id: int = 0
+    num_labels: int = 2
+    # "bert" or "ernie": the HF class family and the checkpoint's key prefix.
+    model_type: str = "bert"
+    # ERNIE only: a task-type embedding added to the input embeddings.
+    use_task_id: bool = False
+    task_type_vocab_size: int = 3
+    # Compute dtype; parameters stay fp32.
+    dtype: Any = jnp.float32
+    # Recompute each encoder layer in the backward pass (less memory, ~1/3 more compute).
+    remat: bool = False
+    # The other keys of the source config.json, written back unchanged by to_hf.
+    hf_extra: dict = dataclasses.field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_hf(cls, cfg: dict, **overrides) -> BertConfig:
+        """Build from an HF ``config.json`` dict; ``overrides`` replace fields by name."""
+        model_type = cfg.get("model_type", "bert")
+        if model_type not in ("bert", "ernie"):
+            raise UserError(
+                f"config.json has model_type {model_type!r}; lib.models.bert handles 'bert' and "
+                "'ernie' checkpoints (point --config.model.path at one, or use the matching port)"
+            )
+        if cfg.get("position_embedding_type", "absolute") != "absolute":
+            raise UserError(
+                f"config.json has position_embedding_type {cfg['position_embedding_type']!r}; "
+                "only 'absolute' position embeddings are supported"
+            )
+        names = {f.name for f in dataclasses.fields(cls)} - {"hf_extra", "dtype", "remat"}
+        kwargs = {k: cfg[k] for k in names if k in cfg and cfg[k] is not None}
+        kwargs["model_type"] = model_type
+        if "id2label" in cfg and "num_labels" not in cfg:
+            kwargs["num_labels"] = len(cfg["id2label"])
+        kwargs["hf_extra"] = {
+            k: v for k, v in cfg.items() if k not in names and k not in _REWRITTEN_HF_KEYS
+        }
+        if "id2label" in cfg:  # label names survive export when num_labels is unchanged
+            kwargs["hf_extra"]["id2label"] = cfg["id2label"]
+        unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise UserError(
+                f"unknown BERT config field(s) {unknown}; valid: "
+                f"{sorted(f.name for f in dataclasses.fields(cls))}"
+            )
+        kwargs.update(overrides)
+        out = cls(**kwargs)
+        out.validate()
+        return out
+
+    def validate(self) -> None:
+        """Raise a UserError for values the model cannot run with."""
+        if self.hidden_act not in layers.ACTIVATIONS:
+            raise UserError(
+                f"hidden_act {self.hidden_act!r} is not supported; one of "
+                f"{sorted(layers.ACTIVATIONS)}"
+            )
+        if self.hidden_size % self.num_attention_heads:
+            raise UserError(
+                f"hidden_size {self.hidden_size} is not a multiple of num_attention_heads "
+                f"{self.num_attention_heads}"
+            )
+        if self.model_type not in ("bert", "ernie"):
+            raise UserError(f"model_type {self.model_type!r}: expected 'bert' or 'ernie'")
+
+    @property
+    def hf_prefix(self) -> str:
+        """The encoder's attribute name in HF head classes: ``bert`` or ``ernie``."""
+        return self.model_type
+
+    def to_hf(self, head: str = "ForSequenceClassification") -> dict:
+        """A ``config.json`` dict that ``transformers`` loads; ``architectures`` is the HF class
+        ``Bert<head>`` / ``Ernie<head>`` (head: ``Model``, ``ForMaskedLM``, ...)."""
+        out = {k: v for k, v in self.hf_extra.items() if k not in _REWRITTEN_HF_KEYS}
+        for f in dataclasses.fields(self):
+            if f.name not in ("hf_extra", "dtype", "remat", "num_labels", "use_task_id",
+                              "task_type_vocab_size"):
+                out[f.name] = getattr(self, f.name)
+        if self.model_type == "ernie":
+            out["use_task_id"] = self.use_task_id
+            out["task_type_vocab_size"] = self.task_type_vocab_size
+        family = {"bert": "Bert", "ernie": "Ernie"}[self.model_type]
+        out["architectures"] = [family + head]
+        old = self.hf_extra.get("id2label")
+        if old is not None and len(old) == self.num_labels:
+            out["id2label"] = {str(k): v for k, v in old.items()}
+        else:
+            out["id2label"] = {str(i): f"LABEL_{i}" for i in range(self.num_labels)}
+        out["label2id"] = {v: int(k) for k, v in out["id2label"].items()}
+        out["dtype"] = "float32"
+        return out
+
+
+# ----------------------------------------------------------------------------- modules
+
+
+class _Group(nnx.Module):
+    """A named group of submodules; it exists only so parameter paths match the HF tree."""
+
+    def __init__(self, children: dict[str, Any]):
+        for name, child in children.items():
+            setattr(self, name, child)
+
+
+def _group(**children) -> _Group:
+    return _Group(children)
+
+
+class BertEmbeddings(nnx.Module):
+    """Word + position + token-type (+ ERNIE task-type) embeddings, LayerNorm, dropout."""
+
+    def __init__(self, cfg: BertConfig, *, rngs: nnx.Rngs):
+        h, dt = cfg.hidden_size, cfg.dtype
+        self.word_embeddings = layers.embedding(cfg.vocab_size, h, rngs=rngs, dtype=dt)
+        # The small tables (positions, types) stay replicated: splitting them saves nothing.
+        small = (None, "embed")
+        self.position_embeddings = layers.embedding(
+            cfg.max_position_embeddings, h, rngs=rngs, axes=small, dtype=dt
+        )
+        self.token_type_embeddings = layers.embedding(
+            cfg.type_vocab_size, h, rngs=rngs, axes=small, dtype=dt
+        )
+        if cfg.use_task_id:
+            self.task_type_embeddings = layers.embedding(
+                cfg.task_type_vocab_size, h, rngs=rngs, axes=small, dtype=dt
+            )
+        self.LayerNorm = layers.layer_norm(h, cfg.layer_norm_eps, rngs=rngs, dtype=dt)
+        self.use_task_id = cfg.use_task_id
+        self.max_positions = cfg.max_position_embeddings
+        self.dropout_rate = cfg.hidden_dropout_prob
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        token_type_ids: jax.Array | None = None,
+        task_type_ids: jax.Array | None = None,
+        *,
+        rngs: nnx.Rngs | None = None,
+    ) -> jax.Array:
+        """``input_ids [b, t]`` -> ``[b, t, H]``; missing type ids mean type 0."""
+        t = input_ids.shape[1]
+        if t > self.max_positions:
+            raise UserError(
+                f"sequence length {t} exceeds max_position_embeddings {self.max_positions}: "
+                "lower the task's max length"
+            )
+        if token_type_ids is None:
+            token_type_ids = jnp.zeros_like(input_ids)
+        x = self.word_embeddings(input_ids)
+        x = x + self.token_type_embeddings(token_type_ids)
+        x = x + self.position_embeddings(jnp.arange(t))[None]
+        if self.use_task_id:
+            if task_type_ids is None:
+                task_type_ids = jnp.zeros_like(input_ids)
+            x = x + self.task_type_embeddings(task_type_ids)
+        return layers.dropout(self.LayerNorm(x), self.dropout_rate, rngs)
+
+
+class BertLayer(nnx.Module):
+    """One post-LayerNorm transformer encoder layer."""
+
+    def __init__(self, cfg: BertConfig, *, rngs: nnx.Rngs):
+        h, m, dt = cfg.hidden_size, cfg.intermediate_size, cfg.dtype
+        eps = cfg.layer_norm_eps
+        qkv = ("embed", "heads")
+        # HF names the attention's inner module "self", which cannot be a keyword argument.
+        self_attention = _group(
+            query=layers.dense(h, h, qkv, rngs=rngs, dtype=dt),
+            key=layers.dense(h, h, qkv, rngs=rngs, dtype=dt),
+            value=layers.dense(h, h, qkv, rngs=rngs, dtype=dt),
+        )
+        self_output = _group(
+            dense=layers.dense(h, h, ("heads", "embed"), rngs=rngs, dtype=dt),
+            LayerNorm=layers.layer_norm(h, eps, rngs=rngs, dtype=dt),
+        )
+        self.attention = _Group({"self": self_attention, "output": self_output})
+        self.intermediate = _group(dense=layers.dense(h, m, ("embed", "mlp"), rngs=rngs, dtype=dt))
+        self.output = _group(
+            dense=layers.dense(m, h, ("mlp", "embed"), rngs=rngs, dtype=dt),
+            LayerNorm=layers.layer_norm(h, eps, rngs=rngs, dtype=dt),
+        )
+        self.heads = cfg.num_attention_heads
+        self.act = cfg.hidden_act
+        self.hidden_dropout = cfg.hidden_dropout_prob
+        self.attention_dropout = cfg.attention_probs_dropout_prob
+
+    def __call__(
+        self, x: jax.Array, mask: jax.Array | None, *, rngs: nnx.Rngs | None = None
+    ) -> jax.Array:
+        """``x [b, t, H]``, boolean ``mask`` broadcastable to ``[b, heads, t, t]``."""
+        b, t, hidden = x.shape
+        split = lambda y: y.reshape(b, t, self.heads, hidden // self.heads)
+        sa = self.attention.self
+        ctx = layers.attention(
+            split(sa.query(x)), split(sa.key(x)), split(sa.value(x)), mask,
+            dropout_rate=self.attention_dropout, rngs=rngs,
+        ).reshape(b, t, hidden)
+        out = self.attention.output
+        x = out.LayerNorm(x + layers.dropout(out.dense(ctx), self.hidden_dropout, rngs))
+        y = layers.ACTIVATIONS[self.act](self.intermediate.dense(x))
+        y = layers.dropout(self.output.dense(y), self.hidden_dropout, rngs)
+        return self.output.LayerNorm(x + y)
+
+
+def _run_layer(layer: BertLayer, x, mask, rngs):
+    return layer(x, mask, rngs=rngs)
+
+
+_run_layer_remat = nnx.remat(_run_layer)
+
+
+def _attention_mask(attention_mask: jax.Array | None) -> jax.Array | None:
+    """``[b, s]`` padding mask or ``[b, t, s]`` per-query mask -> boolean ``[b, 1, t|1, s]``."""
+    if attention_mask is None:
+        return None
+    mask = attention_mask.astype(bool)
+    return mask[:, None, None, :] if mask.ndim == 2 else mask[:, None, :, :]
+
+
+class BertModel(nnx.Module):
+    """The encoder: embeddings, ``num_hidden_layers`` layers and (optionally) the pooler."""
+
+    hf_head = "Model"
+
+    def __init__(self, cfg: BertConfig, *, add_pooling_layer: bool = True, rngs: nnx.Rngs):
+        cfg.validate()
+        self.embeddings = BertEmbeddings(cfg, rngs=rngs)
+        self.encoder = _group(
+            layer=nnx.List([BertLayer(cfg, rngs=rngs) for _ in range(cfg.num_hidden_layers)])
+        )
+        if add_pooling_layer:
+            self.pooler = _group(
+                dense=layers.dense(cfg.hidden_size, cfg.hidden_size, ("embed", None),
+                                   rngs=rngs, dtype=cfg.dtype)
+            )
+        self.has_pooler = add_pooling_layer
+        self.remat = cfg.remat
+        self.hf_prefix = cfg.hf_prefix
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array | None = None,
+        token_type_ids: jax.Array | None = None,
+        task_type_ids: jax.Array | None = None,
+        *,
+        rngs: nnx.Rngs | None = None,
+    ) -> tuple[jax.Array, jax.Array | None]:
+        """Encode ``input_ids [b, t]``.
+
+        ``attention_mask``: ``[b, t]`` (1 = real token, 0 = padding) or ``[b, t, t]`` (which
+        keys each query sees, e.g. a UniLM seq2seq mask). ``rngs=None`` is deterministic
+        (evaluation); with ``rngs`` dropout is on. Returns ``(sequence_output [b, t, H],
+        pooled [b, H])``; pooled is None for a model built without a pooler.
+        """
+        mask = _attention_mask(attention_mask)
+        x = self.embeddings(input_ids, token_type_ids, task_type_ids, rngs=rngs)
+        run = _run_layer_remat if self.remat else _run_layer
+        for layer in self.encoder.layer:
+            x = run(layer, x, mask, rngs)
+        pooled = jnp.tanh(self.pooler.dense(x[:, 0])) if self.has_pooler else None
+        return x, pooled
+
+    # --------------------------------------------------------------- conversion
+
+    def hf_to_ours(self, state: StateDict) -> StateDict:
+        """HF keys of a BERT/ERNIE checkpoint (any head) -> this model's HF-style names."""
+        state = _encoder_keys(_clean(state), self.hf_prefix, "")
+        for key in [k for k in state if k.startswith(_FOREIGN_HEADS)]:
+            del state[key]
+        return state
+
+    def ours_to_hf(self, state: StateDict) -> StateDict:
+        """Our HF-style names -> the keys of HF ``BertModel`` / ``ErnieModel`` (no prefix)."""
+        return dict(state)
+
+
+class BertForMaskedLM(nnx.Module):
+    """BERT + masked-LM head; the decoder is the transposed word embedding plus a bias."""
+
+    hf_head = "ForMaskedLM"
+
+    def __init__(self, cfg: BertConfig, *, rngs: nnx.Rngs):
+        h, dt = cfg.hidden_size, cfg.dtype
+        self.bert = BertModel(cfg, add_pooling_layer=False, rngs=rngs)
+        self.cls = _group(
+            predictions=_group(
+                transform=_group(
+                    dense=layers.dense(h, h, ("embed", None), rngs=rngs, dtype=dt),
+                    LayerNorm=layers.layer_norm(h, cfg.layer_norm_eps, rngs=rngs, dtype=dt),
+                ),
+                bias=nnx.Param(jnp.zeros((cfg.vocab_size,), jnp.float32),
+                               out_sharding=("vocab",)),
+            )
+        )
+        self.act = cfg.hidden_act
+        self.hf_prefix = cfg.hf_prefix
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array | None = None,
+        token_type_ids: jax.Array | None = None,
+        task_type_ids: jax.Array | None = None,
+        *,
+        rngs: nnx.Rngs | None = None,
+    ) -> jax.Array:
+        """Vocabulary logits ``[b, t, vocab]`` (fp32) at every position."""
+        x, _ = self.bert(input_ids, attention_mask, token_type_ids, task_type_ids, rngs=rngs)
+        tr = self.cls.predictions.transform
+        x = tr.LayerNorm(layers.ACTIVATIONS[self.act](tr.dense(x)))
+        logits = self.bert.embeddings.word_embeddings.attend(x)
+        return logits.astype(jnp.float32) + self.cls.predictions.bias[...]
+
+    def hf_to_ours(self, state: StateDict) -> StateDict:
+        """HF ``*ForMaskedLM`` / ``*ForPreTraining`` keys -> ours (tied decoder dropped)."""
+        state = _encoder_keys(_clean(state), self.hf_prefix, "bert.")
+        # A pretraining checkpoint also has the pooler and the next-sentence head.
+        for key in [k for k in state if k.startswith(("bert.pooler.", "cls.seq_relationship."))]:
+            del state[key]
+        emb = "bert.embeddings.word_embeddings.weight"
+        decoder = state.pop("cls.predictions.decoder.weight", None)
+        if decoder is not None and emb in state and not np.array_equal(decoder, state[emb]):
+            raise UserError(
+                "checkpoint key 'cls.predictions.decoder.weight' differs from the word "
+                "embeddings: the masked-LM decoder must be tied to them (untied heads are not "
+                "supported)"
+            )
+        bias = state.pop("cls.predictions.decoder.bias", None)
+        if bias is not None:
+            if "cls.predictions.bias" not in state:
+                state["cls.predictions.bias"] = bias
+            elif not np.array_equal(bias, state["cls.predictions.bias"]):
+                raise UserError(
+                    "checkpoint keys 'cls.predictions.decoder.bias' and 'cls.predictions.bias' "
+                    "differ: the decoder bias must be the tied prediction bias"
+                )
+        return state
+
+    def ours_to_hf(self, state: StateDict) -> StateDict:
+        """Ours -> HF keys; the tied decoder is left out, as ``transformers`` saves it."""
+        return _with_prefix(state, self.hf_prefix)
+
+
+class BertForSequenceClassification(nnx.Module):
+    """BERT + dropout + Linear on the pooled output: the classifier head of the project."""
+
+    hf_head = "ForSequenceClassification"
+
+    def __init__(self, cfg: BertConfig, *, rngs: nnx.Rngs):
+        self.bert = BertModel(cfg, rngs=rngs)
+        self.classifier = layers.dense(
+            cfg.hidden_size, cfg.num_labels, ("embed", None), rngs=rngs, dtype=cfg.dtype
+        )
+        self.dropout_rate = (
+            cfg.hidden_dropout_prob if cfg.classifier_dropout is None else cfg.classifier_dropout
+        )
+        self.hf_prefix = cfg.hf_prefix
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array | None = None,
+        token_type_ids: jax.Array | None = None,
+        task_type_ids: jax.Array | None = None,
+        *,
+        rngs: nnx.Rngs | None = None,
+    ) -> jax.Array:
+        """Class logits ``[b, num_labels]`` (fp32)."""
+        _, pooled = self.bert(
+            input_ids, attention_mask, token_type_ids, task_type_ids, rngs=rngs
+        )
+        pooled = layers.dropout(pooled, self.dropout_rate, rngs)
+        return self.classifier(pooled).astype(jnp.float32)
+
+    def hf_to_ours(self, state: StateDict) -> StateDict:
+        """HF keys -> ours. From a pretraining checkpoint the ``cls.*`` heads are dropped and
+        a missing pooler or classifier is initialized fresh (as HF does)."""
+        state = _encoder_keys(_clean(state), self.hf_prefix, "bert.")
+        for key in [k for k in state if k.startswith("cls.")]:
+            del state[key]
+        hidden, labels = self.classifier.kernel.shape
+        if "classifier.weight" in state and state["classifier.weight"].shape[0] != labels:
+            raise UserError(
+                f"the checkpoint's classifier has {state['classifier.weight'].shape[0]} labels, "
+                f"the model {labels}: set num_labels to match, or start from a checkpoint "
+                "without a classifier (its encoder gets a fresh one)"
+            )
+        for i, (name, out) in enumerate((("bert.pooler.dense", hidden), ("classifier", labels))):
+            if not any(k.startswith(name + ".") for k in state):
+                log.warning("checkpoint has no %s: initialized randomly", name)
+                state.update(_fresh_dense(name, hidden, out, seed=i))
+        return state
+
+    def ours_to_hf(self, state: StateDict) -> StateDict:
+        """Ours -> HF ``BertForSequenceClassification`` / ``ErnieFor...`` keys."""
+        return _with_prefix(state, self.hf_prefix)
+
+
+# ----------------------------------------------------------------------------- key helpers
+
+# Heads that a bare encoder drops when loaded from a checkpoint with a task head.
+_FOREIGN_HEADS = ("cls.", "classifier.")
+_ENCODER_PARTS = ("embeddings.", "encoder.", "pooler.")
+
+
+def _clean(state: StateDict) -> StateDict:
+    """Undo old-checkpoint quirks: TF-era LayerNorm names and a saved position_ids buffer."""
+    out = {}
+    for key, value in state.items():
+        if key.endswith("embeddings.position_ids"):
+            continue
+        if key.endswith("LayerNorm.gamma"):
+            key = key[: -len("gamma")] + "weight"
+        elif key.endswith("LayerNorm.beta"):
+            key = key[: -len("beta")] + "bias"
+        out[key] = value
+    return out
+
+
+def _encoder_keys(state: StateDict, hf_prefix: str, ours: str) -> StateDict:
+    """Put the encoder's keys under ``ours`` (``""`` or ``"bert."``), whether the checkpoint
+    has them under ``hf_prefix.`` (a head model) or at the top (a bare encoder)."""
+    out = {}
+    for key, value in state.items():
+        if key.startswith(hf_prefix + "."):
+            key = ours + key[len(hf_prefix) + 1 :]
+        elif key.startswith(_ENCODER_PARTS):
+            key = ours + key
+        out[key] = value
+    return out
+
+
+def _fresh_dense(name: str, d_in: int, d_out: int, seed: int) -> StateDict:
+    """HF-layout weights of a new Linear: N(0, 0.02) weight (as HF and ``layers.dense``
+    initialize), zero bias. numpy with a fixed seed, because the model may be shapes only."""
+    rng = np.random.default_rng(seed)
+    return {
+        name + ".weight": rng.normal(0.0, 0.02, (d_out, d_in)).astype(np.float32),
+        name + ".bias": np.zeros((d_out,), np.float32),
+    }
+
+
+def _with_prefix(state: StateDict, hf_prefix: str) -> StateDict:
+    return {
+        (hf_prefix + k[len("bert") :] if k.startswith("bert.") else k): v for k, v in state.items()
+    }
+
+
+# ----------------------------------------------------------------------------- load / export
+
+BertClass = type[BertModel] | type[BertForMaskedLM] | type[BertForSequenceClassification]
+
+
+def load_pretrained(
+    model_dir: str | os.PathLike,
+    cls: BertClass = BertForSequenceClassification,
+    *,
+    num_labels: int | None = None,
+    dtype: Any = jnp.float32,
+    **overrides,
+) -> tuple[nnx.Module, BertConfig]:
+    """Build ``cls`` from an HF BERT/ERNIE directory and load its weights strictly.
+
+    ``num_labels`` sets the classifier size (a checkpoint's own classifier must match it);
+    ``overrides`` replace config fields (e.g. ``remat=True``, ``hidden_dropout_prob=0.0``).
+    """
+    if num_labels is not None:
+        overrides["num_labels"] = num_labels
+    cfg = BertConfig.from_hf(hf.read_config(model_dir), dtype=dtype, **overrides)
+    # Shapes only: every weight comes from the checkpoint, so random init would be wasted work
+    # (and compiling the random number generator for every shape is slow on CPU).
+    model = nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(0)))
+    hf.load_into(model, hf.load_state_dict(model_dir), model.hf_to_ours, where=str(model_dir))
+    return model, cfg
+
+
+def export_pretrained(
+    model: nnx.Module,
+    cfg: BertConfig,
+    out_dir: str | os.PathLike,
+    tokenizer=None,
+    *,
+    max_shard_bytes: int = 5 * 1024**3,
+) -> Path:
+    """Write ``model`` as an HF directory that ``transformers`` ``from_pretrained`` loads."""
+    state = hf.state_of(model, model.ours_to_hf)
+    return hf.save_pretrained(
+        state, cfg.to_hf(model.hf_head), out_dir, tokenizer=tokenizer,
+        max_shard_bytes=max_shard_bytes,
+    )

@@ -1,0 +1,240 @@
+"""Building blocks shared by every model port: dense, embedding, norms, dropout, attention, rotary.
+
+Every parameter is created in fp32 (``param_dtype``) with *logical* axis names attached as
+metadata (``vocab``, ``embed``, ``mlp``, ``heads``, ``kv``, ``layers``); ``lib.sharding`` maps
+those names to mesh axes. Variables are created unsharded (no eager sharding) and placed on
+the mesh afterwards, so the same module code runs on one CPU or a TPU slice.
+
+Dropout is driven by an ``nnx.Rngs`` passed at call time: ``rngs=None`` means deterministic
+(evaluation). Passing the generator explicitly keeps the train step a pure function of
+``(params, batch, rng)``.
+"""
+
+from __future__ import annotations
+
+import flax
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+# Partitioning metadata is applied by lib.sharding after construction, never eagerly.
+nnx.use_eager_sharding(False)
+
+Axes = tuple[str | None, ...]
+
+
+def normal_init(std: float, axes: Axes):
+    """A normal(0, std) initializer that tags the parameter with logical axis names."""
+    return nnx.with_partitioning(nnx.initializers.normal(std), axes)
+
+
+def dense(
+    in_features: int,
+    out_features: int,
+    axes: Axes,
+    *,
+    rngs: nnx.Rngs,
+    use_bias: bool = True,
+    dtype: jnp.dtype = jnp.float32,
+    std: float = 0.02,
+) -> nnx.Linear:
+    """A Linear layer (fp32 params, ``dtype`` compute) whose kernel has logical ``axes``.
+
+    The kernel is ``[in, out]``: the transpose of a torch ``nn.Linear.weight``.
+    """
+    return nnx.Linear(
+        in_features,
+        out_features,
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        kernel_init=normal_init(std, axes),
+        bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), (axes[-1],)),
+        rngs=rngs,
+    )
+
+
+def embedding(
+    num: int,
+    features: int,
+    *,
+    rngs: nnx.Rngs,
+    axes: Axes = ("vocab", "embed"),
+    dtype: jnp.dtype = jnp.float32,
+    std: float = 0.02,
+) -> nnx.Embed:
+    """An embedding table ``[num, features]`` with logical axes."""
+    return nnx.Embed(
+        num,
+        features,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        embedding_init=normal_init(std, axes),
+        rngs=rngs,
+    )
+
+
+def layer_norm(
+    features: int, eps: float, *, rngs: nnx.Rngs, dtype: jnp.dtype = jnp.float32
+) -> nnx.LayerNorm:
+    """LayerNorm over the last axis (``scale`` and ``bias`` tagged ``embed``)."""
+    return nnx.LayerNorm(
+        features,
+        epsilon=eps,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        scale_init=nnx.with_partitioning(nnx.initializers.ones_init(), ("embed",)),
+        bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), ("embed",)),
+        rngs=rngs,
+    )
+
+
+class RMSNorm(nnx.Module):
+    """Root-mean-square norm computed in fp32, as the Llama-family HF models do."""
+
+    def __init__(self, features: int, eps: float, *, dtype: jnp.dtype = jnp.float32):
+        self.scale = nnx.Param(jnp.ones((features,), jnp.float32), out_sharding=("embed",))
+        self.eps = eps
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        # HF casts back to the input dtype before applying the weight.
+        return (self.scale[...] * x32.astype(x.dtype)).astype(self.dtype)
+
+
+def dropout(x: jax.Array, rate: float, rngs: nnx.Rngs | None) -> jax.Array:
+    """Inverted dropout; the identity when ``rngs`` is None (evaluation) or ``rate`` is 0."""
+    if rngs is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(rngs.dropout(), 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+
+
+def attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: jax.Array | None = None,
+    *,
+    dropout_rate: float = 0.0,
+    rngs: nnx.Rngs | None = None,
+) -> jax.Array:
+    """Scaled dot-product attention with grouped-query support.
+
+    Shapes: ``q [b, t, h, d]``, ``k, v [b, s, kv, d]`` with ``h % kv == 0`` (``kv == h`` is
+    ordinary multi-head attention, ``kv == 1`` multi-query). ``mask`` is boolean, True where a
+    query may attend, broadcastable to ``[b, h, t, s]``. Softmax runs in fp32; the result has
+    ``q``'s dtype and shape ``[b, t, h, d]``.
+    """
+    b, t, h, d = q.shape
+    kv = k.shape[2]
+    groups = h // kv
+    q = q.reshape(b, t, kv, groups, d)
+    scale = 1.0 / jnp.sqrt(jnp.float32(d)).astype(q.dtype)
+    logits = jnp.einsum("btkgd,bskd->bkgts", q * scale, k).astype(jnp.float32)
+    if mask is not None:
+        mask = jnp.broadcast_to(mask, (b, h, t, mask.shape[-1])).reshape(b, kv, groups, t, -1)
+        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    probs = dropout(probs, dropout_rate, rngs)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
+    return out.reshape(b, t, h, d)
+
+
+def rotary_cos_sin(
+    positions: jax.Array, dim: int, theta: float
+) -> tuple[jax.Array, jax.Array]:
+    """cos/sin tables ``[b, t, dim // 2]`` for integer ``positions [b, t]`` (fp32)."""
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, dim, 2, dtype=jnp.float32) / dim))
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rotary(
+    x: jax.Array, cos: jax.Array, sin: jax.Array, *, interleaved: bool = False
+) -> jax.Array:
+    """Rotate the first ``2 * cos.shape[-1]`` features of ``x [b, t, h, d]``; pass the rest.
+
+    ``interleaved=False`` pairs feature i with i + half (HF ``rotate_half``, Llama/Qwen2);
+    ``interleaved=True`` pairs features 2i and 2i+1 (GLM / ChatGLM).
+    """
+    rot = 2 * cos.shape[-1]
+    x_rot, x_pass = x[..., :rot], x[..., rot:]
+    cos = cos[:, :, None, :]
+    sin = sin[:, :, None, :]
+    xf = x_rot.astype(jnp.float32)
+    if interleaved:
+        x1, x2 = xf[..., 0::2], xf[..., 1::2]
+        out = jnp.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).reshape(xf.shape)
+    else:
+        x1, x2 = jnp.split(xf, 2, axis=-1)
+        out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return jnp.concatenate([out.astype(x.dtype), x_pass], axis=-1)
+
+
+ACTIVATIONS = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "tanh": jnp.tanh,
+}
+
+
+@flax.struct.dataclass
+class KVCache:
+    """Keys and values of every decoder layer for a fixed number of slots.
+
+    ``k, v [layers, b, slots, kv, d]``; ``valid [b, slots]`` marks slots holding a real token
+    (left padding and unfilled slots are False); ``index`` is how many slots are filled. The
+    shapes never change while decoding, so one jitted step serves every position.
+    """
+
+    k: jax.Array
+    v: jax.Array
+    valid: jax.Array
+    index: jax.Array
+
+    @classmethod
+    def init(
+        cls, layers: int, batch: int, slots: int, kv_heads: int, head_dim: int, dtype
+    ) -> KVCache:
+        """An empty cache."""
+        shape = (layers, batch, slots, kv_heads, head_dim)
+        return cls(
+            k=jnp.zeros(shape, dtype),
+            v=jnp.zeros(shape, dtype),
+            valid=jnp.zeros((batch, slots), bool),
+            index=jnp.zeros((), jnp.int32),
+        )
+
+    def add_tokens(self, token_mask: jax.Array) -> tuple[KVCache, jax.Array]:
+        """Register ``t`` new tokens (``token_mask [b, t]``, False for padding) before a step.
+
+        Returns the cache with their slots marked and the attention mask ``[b, 1, t, slots]``
+        of the new queries: a query sees real tokens at or before its own slot.
+        """
+        t = token_mask.shape[1]
+        valid = jax.lax.dynamic_update_slice(self.valid, token_mask.astype(bool), (0, self.index))
+        slots = self.valid.shape[1]
+        query_slot = self.index + jnp.arange(t)
+        causal = jnp.arange(slots)[None, :] <= query_slot[:, None]
+        mask = valid[:, None, None, :] & causal[None, None]
+        return self.replace(valid=valid), mask
+
+    def update(
+        self, layer: int, k: jax.Array, v: jax.Array
+    ) -> tuple[KVCache, jax.Array, jax.Array]:
+        """Write one layer's new ``k, v [b, t, kv, d]`` at ``index``; return all its slots."""
+        start = (layer, 0, self.index, 0, 0)
+        k_all = jax.lax.dynamic_update_slice(self.k, k[None].astype(self.k.dtype), start)
+        v_all = jax.lax.dynamic_update_slice(self.v, v[None].astype(self.v.dtype), start)
+        return self.replace(k=k_all, v=v_all), k_all[layer], v_all[layer]
+
+    def advance(self, t: int) -> KVCache:
+        """Move ``index`` past the ``t`` tokens just written (after all layers ran)."""
+        return self.replace(index=self.index + t)

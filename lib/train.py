@@ -1,0 +1,433 @@
+"""The trainer: one loop for every task, sharded over a device mesh.
+
+Sections, in order: optimizer, the pure train step, state and shardings, evaluation, the
+loop. The state is a plain pytree ``{"params": ..., "train": {"step", "opt_state"}}`` of pure
+dicts; the model is rebuilt inside the step with ``nnx.merge(graphdef, params, frozen)``.
+Everything random is a pure function of ``(seed, step)`` (the batch order and the dropout
+key), so a run resumed from a checkpoint at step N continues exactly as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from lib import sharding
+from lib.checkpoint import Checkpoints
+from lib.errors import UserError
+from lib.monitor import Monitor
+
+# ----------------------------------------------------------------------------- optimizer
+
+
+def make_schedule(train_cfg, total_steps: int) -> optax.Schedule:
+    """Linear warmup to ``lr``, then ``linear`` / ``cosine`` decay to 0 or ``constant``."""
+    warmup = int(train_cfg.get("warmup_steps", 0) or 0)
+    ratio = float(train_cfg.get("warmup_ratio", 0.0) or 0.0)
+    if ratio > 0:
+        warmup = int(round(ratio * total_steps))
+    warmup = min(warmup, total_steps)
+    lr = float(train_cfg.lr)
+    decay_steps = max(total_steps - warmup, 1)
+    kind = train_cfg.get("schedule", "linear")
+    if kind == "linear":
+        decay = optax.linear_schedule(lr, 0.0, decay_steps)
+    elif kind == "cosine":
+        decay = optax.cosine_decay_schedule(lr, decay_steps)
+    elif kind == "constant":
+        decay = optax.constant_schedule(lr)
+    else:
+        raise UserError(
+            f"config.train.schedule={kind!r}: choose 'linear', 'cosine' or 'constant'"
+        )
+    if warmup == 0:
+        return decay
+    return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), decay], [warmup])
+
+
+def decay_mask(params: Any) -> Any:
+    """True for parameters that get weight decay: everything but biases and norm scales."""
+
+    def leaf(path, _):
+        return _key(path[-1]) not in ("bias", "scale")
+
+    return jax.tree_util.tree_map_with_path(leaf, params)
+
+
+def make_optimizer(train_cfg, schedule: optax.Schedule) -> optax.GradientTransformation:
+    """AdamW with the decay mask, after global-norm clipping when ``grad_clip > 0``."""
+    parts = []
+    if float(train_cfg.get("grad_clip", 0.0) or 0.0) > 0:
+        parts.append(optax.clip_by_global_norm(float(train_cfg.grad_clip)))
+    parts.append(
+        optax.adamw(
+            schedule,
+            b1=float(train_cfg.get("b1", 0.9)),
+            b2=float(train_cfg.get("b2", 0.999)),
+            eps=float(train_cfg.get("eps", 1e-8)),
+            weight_decay=float(train_cfg.get("weight_decay", 0.0)),
+            mask=decay_mask,
+        )
+    )
+    return optax.chain(*parts)
+
+
+# ----------------------------------------------------------------------------- train step
+
+
+def make_train_step(
+    graphdef: nnx.GraphDef,
+    loss_fn: Callable,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    *,
+    grad_accum: int,
+    seed: int,
+) -> Callable:
+    """The pure step ``(state, frozen, batch) -> (state, metrics)``.
+
+    ``loss_fn(model, batch, rng) -> (loss, aux)``; an ``aux["weight"]`` (e.g. the number of
+    target tokens) makes the loss a weighted mean across micro-batches, so accumulating k
+    micro-batches is exactly one k-times larger batch.
+    """
+    base_key = jax.random.key(seed)
+
+    def weighted_loss(params, frozen, batch, rng):
+        model = nnx.merge(graphdef, params, frozen)
+        loss, aux = loss_fn(model, batch, rng)
+        aux = dict(aux)
+        weight = jnp.asarray(aux.pop("weight", 1.0), jnp.float32)
+        return loss * weight, (aux, weight)
+
+    grad_fn = jax.value_and_grad(weighted_loss, has_aux=True)
+
+    def step(state, frozen, batch):
+        params = state["params"]
+        step_no = state["train"]["step"]
+        rng = jax.random.fold_in(base_key, step_no)
+        if grad_accum == 1:
+            (total, (aux, weight)), grads = grad_fn(params, frozen, batch, rng)
+            aux = jax.tree.map(lambda a: a * weight, aux)
+        else:
+            # Micro-batch i takes rows i, i+k, i+2k, ...: every micro-batch is spread over
+            # all batch shards, so no device idles.
+            micro = jax.tree.map(
+                lambda x: x.reshape(x.shape[0] // grad_accum, grad_accum, *x.shape[1:])
+                .swapaxes(0, 1),
+                batch,
+            )
+
+            def body(carry, inputs):
+                mb, i = inputs
+                (lw, (aux, w)), g = grad_fn(params, frozen, mb, jax.random.fold_in(rng, i))
+                aux = jax.tree.map(lambda a: a * w, aux)
+                return jax.tree.map(jnp.add, carry, (lw, w, g, aux)), None
+
+            aux_shape = jax.eval_shape(
+                lambda: grad_fn(params, frozen, jax.tree.map(lambda x: x[0], micro), rng)
+            )[0][1][0]
+            zeros = (
+                jnp.zeros((), jnp.float32),
+                jnp.zeros((), jnp.float32),
+                jax.tree.map(jnp.zeros_like, params),
+                jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux_shape),
+            )
+            (total, weight, grads, aux), _ = jax.lax.scan(
+                body, zeros, (micro, jnp.arange(grad_accum))
+            )
+        grads = jax.tree.map(lambda g: g / weight, grads)
+        loss = total / weight
+        updates, opt_state = tx.update(grads, state["train"]["opt_state"], params)
+        params = optax.apply_updates(params, updates)
+        metrics = {
+            "loss": loss,
+            "grad_norm": optax.tree.norm(grads),
+            "learning_rate": schedule(step_no),
+            **jax.tree.map(lambda a: a / weight, aux),
+        }
+        new_state = {"params": params, "train": {"step": step_no + 1, "opt_state": opt_state}}
+        return new_state, metrics
+
+    return step
+
+
+# ----------------------------------------------------------------------------- state
+
+
+def split_model(model: nnx.Module, trainable=nnx.Param):
+    """``(graphdef, params, frozen)`` as pure dicts: trainable parameters vs everything else."""
+    graphdef, params, frozen = nnx.split(model, trainable, ...)
+    return graphdef, params, frozen
+
+
+def _pure(state: nnx.State) -> dict:
+    return nnx.to_pure_dict(state)
+
+
+def place(state: nnx.State, mesh, rules) -> tuple[dict, dict]:
+    """Put an ``nnx.State`` on the mesh per its logical axes: ``(arrays, shardings)``."""
+    shardings = sharding.param_shardings(state, mesh, rules)
+    arrays = jax.device_put(_pure(state), shardings)
+    return arrays, shardings
+
+
+def opt_state_shardings(tx, params, param_sh, mesh):
+    """Optimizer-state shardings: moments follow their parameter, the rest is replicated."""
+    abstract = jax.eval_shape(tx.init, params)
+    return optax.tree_map_params(
+        tx,
+        lambda _, sh: sh,
+        abstract,
+        param_sh,
+        transform_non_params=lambda _: sharding.replicated(mesh),
+        is_leaf=lambda x: isinstance(x, jax.sharding.NamedSharding),
+    )
+
+
+def init_state(model: nnx.Module, tx, mesh, rules=sharding.DEFAULT_RULES, trainable=nnx.Param):
+    """Shard ``model`` on ``mesh`` and build the optimizer state.
+
+    Returns ``(graphdef, state, state_shardings, frozen, frozen_shardings)`` where ``state`` is
+    ``{"params", "train": {"step", "opt_state"}}`` and ``frozen`` holds the non-trainable
+    variables (e.g. a LoRA base).
+    """
+    graphdef, params_state, frozen_state = split_model(model, trainable)
+    params, param_sh = place(params_state, mesh, rules)
+    frozen, frozen_sh = place(frozen_state, mesh, rules)
+    opt_sh = opt_state_shardings(tx, params, param_sh, mesh)
+    opt_state = jax.jit(tx.init, out_shardings=opt_sh)(params)
+    rep = sharding.replicated(mesh)
+    state = {"params": params, "train": {"step": jnp.zeros((), jnp.int32), "opt_state": opt_state}}
+    state_sh = {"params": param_sh, "train": {"step": rep, "opt_state": opt_sh}}
+    return graphdef, state, state_sh, frozen, frozen_sh
+
+
+def compile_step(
+    graphdef, loss_fn, tx, schedule, state_sh, frozen_sh, mesh, *, grad_accum: int, seed: int
+) -> Callable:
+    """The train step jitted with explicit in/out shardings (pjit) and a donated state."""
+    return jax.jit(
+        make_train_step(graphdef, loss_fn, tx, schedule, grad_accum=grad_accum, seed=seed),
+        in_shardings=(state_sh, frozen_sh, sharding.batch_sharding(mesh)),
+        out_shardings=(state_sh, sharding.replicated(mesh)),
+        donate_argnums=(0,),
+    )
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+def write_eval(workdir: Path, step: int, metrics: dict, samples: list | None) -> Path:
+    """Write ``workdir/eval/step_N.json`` (atomically) and return its path."""
+    out = workdir / "eval" / f"step_{step}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".json.tmp")
+    payload = {"step": step, "metrics": metrics, "samples": samples or []}
+    tmp.write_text(json.dumps(payload, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, out)
+    return out
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+class _Preemption:
+    """Turns SIGTERM into a flag checked after each step (save, then exit cleanly)."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def _tokens(batch: dict[str, np.ndarray]) -> int:
+    if "attention_mask" in batch:
+        return int(np.asarray(batch["attention_mask"]).sum())
+    ids = batch.get("input_ids")
+    return int(np.asarray(ids).size) if ids is not None else 0
+
+
+def train(config, workdir: str | os.PathLike, task) -> dict[str, float]:
+    """Train ``task`` as ``config`` says, resuming from ``workdir`` if it has checkpoints.
+
+    Returns the last evaluation's metrics.
+    """
+    workdir = Path(workdir)
+    tcfg = config.train
+    rules = tuple(tuple(r) for r in config.mesh.get("rules", sharding.DEFAULT_RULES))
+
+    # --- mesh
+    mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
+    global_batch = int(tcfg.batch_size) * int(tcfg.get("grad_accum", 1))
+    sharding.check_batch_size(int(tcfg.batch_size), mesh)
+
+    # --- model and input
+    model, tokenizer = task.build(config)
+    train_data, eval_data = task.datasets(config, tokenizer)
+    if hasattr(task, "save_assets"):
+        task.save_assets(config, tokenizer, workdir)
+    steps_per_epoch = max(train_data.steps_per_epoch(global_batch), 1)
+    total_steps = int(tcfg.steps)
+    if int(tcfg.get("epochs", 0) or 0) > 0:
+        total_steps = int(tcfg.epochs) * steps_per_epoch
+
+    # --- shard
+    schedule = make_schedule(tcfg, total_steps)
+    tx = make_optimizer(tcfg, schedule)
+    graphdef, state, state_sh, frozen, frozen_sh = init_state(
+        model, tx, mesh, rules, getattr(task, "trainable", nnx.Param)
+    )
+    del model
+
+    # --- checkpoint: resume, or start from another run's params
+    ckpt = Checkpoints(
+        workdir / "checkpoints",
+        keep=int(config.checkpoint.get("keep", 2)),
+        best_metric=config.eval.get("best_metric") or None,
+        best_mode=config.eval.get("best_mode", "max"),
+    )
+    start = ckpt.latest_step()
+    if start is not None:
+        state = ckpt.restore(start, {"params": state["params"], "train": state["train"]})
+        print(f"resumed from {ckpt.directory}/{start}", flush=True)
+    elif config.get("init_from"):
+        src = Checkpoints(Path(config.init_from) / "checkpoints")
+        src_step = src.best_step() or src.latest_step()
+        if src_step is None:
+            raise UserError(f"config.init_from={config.init_from!r} has no checkpoints")
+        state["params"] = src.restore(src_step, {"params": state["params"]})["params"]
+        src.close()
+        print(f"initialized params from {src.directory}/{src_step}", flush=True)
+    start = int(state["train"]["step"])
+
+    # --- step
+    train_step = compile_step(
+        graphdef, task.loss, tx, schedule, state_sh, frozen_sh, mesh,
+        grad_accum=int(tcfg.get("grad_accum", 1)), seed=int(tcfg.seed),
+    )
+
+    def evaluate(step: int) -> dict[str, float]:
+        model = nnx.merge(graphdef, state["params"], frozen)
+        metrics, samples = task.evaluate(model, eval_data)
+        metrics = {k: float(v) for k, v in metrics.items()}
+        write_eval(workdir, step, metrics, samples)
+        monitor.log_eval(step, metrics, samples)
+        return metrics
+
+    # --- loop
+    monitor = Monitor(
+        str(workdir), total_steps, steps_per_epoch, int(config.log.every),
+        enabled=jax.process_index() == 0,
+    )
+    monitor.truncate_after(start)
+    log_every = int(config.log.every)
+    eval_every = int(config.eval.every) or total_steps
+    ckpt_every = int(config.checkpoint.every) or total_steps
+    pending: list[tuple[int, dict, int]] = []
+    last_good = ckpt.latest_step()
+    last_eval: dict[str, float] = {}
+    t_last, steps_since = time.perf_counter(), 0
+
+    def flush() -> None:
+        """Log pending step metrics; stop on a non-finite loss before anything is saved."""
+        nonlocal t_last, steps_since
+        if not pending:
+            return
+        host = jax.device_get([m for _, m, _ in pending])
+        elapsed = max(time.perf_counter() - t_last, 1e-9)
+        for (s, _, _), m in zip(pending, host):
+            if not math.isfinite(float(m["loss"])):
+                kept = f"the last good checkpoint (step {last_good}) is kept" if last_good \
+                    else "no checkpoint was written"
+                raise UserError(
+                    f"loss is {float(m['loss'])} at step {s}: training stopped; {kept}. "
+                    "Lower --config.train.lr or enable --config.train.grad_clip"
+                )
+        s, m, _ = pending[-1][0], host[-1], None
+        tokens = sum(t for _, _, t in pending)
+        values = {k: float(v) for k, v in m.items()}
+        values["steps_per_sec"] = steps_since / elapsed
+        values["tokens_per_sec"] = tokens / elapsed
+        monitor.log_train(s, values)
+        pending.clear()
+        t_last, steps_since = time.perf_counter(), 0
+
+    with _Preemption() as preempt:
+        for step in range(start, total_steps):
+            batch = train_data.batch(step, global_batch, int(tcfg.seed))
+            state, metrics = train_step(state, frozen, sharding.shard_batch(batch, mesh))
+            done = step + 1
+            pending.append((done, metrics, _tokens(batch)))
+            steps_since += 1
+            is_eval = done % eval_every == 0 or done == total_steps
+            is_ckpt = done % ckpt_every == 0 or done == total_steps
+            if done % log_every == 0 or is_eval or is_ckpt or preempt.requested:
+                flush()
+            if is_eval:
+                last_eval = evaluate(done)
+            if is_ckpt or is_eval or preempt.requested:
+                ckpt.save(done, {"params": state["params"], "train": state["train"]},
+                          metrics=last_eval if is_eval else None)
+                last_good = done
+                t_last = time.perf_counter()
+            if preempt.requested:
+                print(f"SIGTERM: saved step {done} to {ckpt.directory}; exiting", flush=True)
+                break
+    if total_steps == start and start > 0 and not last_eval:
+        last_eval = evaluate(start)
+    best = ckpt.best_step()
+    ckpt.close()
+    monitor.close()
+    if best is not None:
+        print(f"best checkpoint: step {best} by {config.eval.best_metric}", flush=True)
+    return last_eval
+
+
+def _key(entry: Any) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(entry, attr):
+            return str(getattr(entry, attr))
+    return str(entry)
+
+
+def restore_model(config, workdir: str | os.PathLike, task, which: str = "best"):
+    """Build the task's model and load the ``best`` (else latest) or ``latest`` checkpoint's
+    params from ``workdir``: ``(model, tokenizer, step)``."""
+    model, tokenizer = task.build(config)
+    ckpt = Checkpoints(
+        Path(workdir) / "checkpoints",
+        best_metric=config.eval.get("best_metric") or None,
+        best_mode=config.eval.get("best_mode", "max"),
+    )
+    step = (ckpt.best_step() if which == "best" else None) or ckpt.latest_step()
+    if step is None:
+        raise UserError(f"{ckpt.directory} has no checkpoint: train first (--mode=train)")
+    graphdef, params, frozen = split_model(model, getattr(task, "trainable", nnx.Param))
+    restored = ckpt.restore(step, {"params": _pure(params)})["params"]
+    ckpt.close()
+    return nnx.merge(graphdef, restored, frozen), tokenizer, step

@@ -1,0 +1,197 @@
+"""Text classification with a BERT-family encoder (SEEDS.md §3.8).
+
+Data: TSV lines ``label_id \\t text``; label names one per line in ``config.data.labels``.
+Model: ``BertForSequenceClassification`` from an HF checkpoint (``config.model.path``) or from
+scratch with a character vocabulary built from the training data (``model.path = None``).
+Loss: cross-entropy, optionally focal (``config.loss.focal_gamma > 0``) and class-weighted
+(``config.loss.class_weights``). Metrics: accuracy, weighted and macro P/R/F1, per-class F1.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from lib import metrics as metrics_lib
+from lib.data import ArrayDataset, read_tsv
+from lib.errors import UserError
+from lib.models import bert
+from lib.tokenizer import CharVocab, load_hf_tokenizer
+
+TOKENIZER_DIR = "tokenizer"
+
+
+def read_labels(path: str) -> list[str]:
+    """Label names, one per line; line i names label id i."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"label file {path!r} not found (--config.data.labels)")
+    names = [line.strip() for line in p.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if len(set(names)) != len(names):
+        raise UserError(f"{path}: label names repeat")
+    return names
+
+
+def read_examples(path: str, num_labels: int, key: str) -> list[dict]:
+    """``label_id \\t text`` records; a label outside ``[0, num_labels)`` names file:line."""
+    rows = read_tsv(path, ["label", "text"], {"label": int}, key=key)
+    for i, row in enumerate(rows):
+        if not 0 <= row["label"] < num_labels:
+            line = row.get("_line", i + 1)
+            raise UserError(
+                f"{path}:{line}: label {row['label']} is outside the label set "
+                f"0..{num_labels - 1} (see --config.data.labels)"
+            )
+    return rows
+
+
+def scratch_config(config, vocab_size: int, num_labels: int) -> bert.BertConfig:
+    """A small BERT for training from scratch, sized by ``config.model``."""
+    m = config.model
+    return bert.BertConfig(
+        vocab_size=vocab_size,
+        hidden_size=m.hidden_size,
+        num_hidden_layers=m.num_layers,
+        num_attention_heads=m.num_heads,
+        intermediate_size=m.intermediate_size,
+        max_position_embeddings=max(config.data.max_length, 8),
+        hidden_dropout_prob=m.dropout,
+        attention_probs_dropout_prob=m.dropout,
+        num_labels=num_labels,
+        dtype=m.dtype,
+        remat=m.remat,
+    )
+
+
+class Task:
+    """Sequence classification."""
+
+    def build(self, config):
+        """``(model, tokenizer)``: pretrained from ``model.path``, else from scratch."""
+        self.labels = read_labels(config.data.labels)
+        self.max_length = int(config.data.max_length)
+        self.eval_batch_size = int(config.eval.batch_size)
+        m = config.model
+        self.focal_gamma = float(config.loss.focal_gamma)
+        weights = list(config.loss.class_weights or [])
+        if weights and len(weights) != len(self.labels):
+            raise UserError(
+                f"config.loss.class_weights has {len(weights)} values for "
+                f"{len(self.labels)} labels"
+            )
+        self.class_weights = jnp.asarray(weights, jnp.float32) if weights else None
+        if m.path:
+            model, self.model_config = bert.load_pretrained(
+                m.path, bert.BertForSequenceClassification,
+                num_labels=len(self.labels), dtype=jnp.dtype(m.dtype), seed=config.train.seed,
+            )
+            tokenizer = load_hf_tokenizer(m.path)
+        else:
+            tokenizer = self._char_vocab(config)
+            self.model_config = scratch_config(config, tokenizer.vocab_size, len(self.labels))
+            model = bert.BertForSequenceClassification(
+                self.model_config, rngs=nnx.Rngs(config.train.seed)
+            )
+        return model, tokenizer
+
+    def _char_vocab(self, config) -> CharVocab:
+        saved = Path(config.get("workdir", "") or "") / TOKENIZER_DIR
+        if config.get("workdir") and (saved / "vocab.txt").is_file():
+            return CharVocab.load(saved)
+        rows = read_tsv(config.data.train, ["label", "text"], {"label": int}, key="data.train")
+        return CharVocab.build([r["text"] for r in rows], min_freq=config.model.min_char_freq)
+
+    def save_assets(self, config, tokenizer, workdir: Path) -> None:
+        """Save the tokenizer with the run so ``eval``/``predict`` work without the data."""
+        tokenizer.save_pretrained(str(Path(workdir) / TOKENIZER_DIR))
+
+    def encode(self, tokenizer, texts: list[str]) -> dict[str, np.ndarray]:
+        """Token ids, attention mask and segment ids, padded to ``data.max_length``."""
+        enc = tokenizer(
+            texts, max_length=self.max_length, truncation=True, padding="max_length",
+            return_tensors="np",
+        )
+        out = {k: np.asarray(enc[k], np.int32) for k in ("input_ids", "attention_mask")}
+        out["token_type_ids"] = np.asarray(
+            enc.get("token_type_ids", np.zeros_like(out["input_ids"])), np.int32
+        )
+        return out
+
+    def _dataset(self, tokenizer, path: str, key: str) -> ArrayDataset:
+        rows = read_examples(path, len(self.labels), key)
+        arrays = self.encode(tokenizer, [r["text"] for r in rows])
+        arrays["labels"] = np.asarray([r["label"] for r in rows], np.int32)
+        self.eval_texts = [r["text"] for r in rows]
+        return ArrayDataset(arrays, name=path)
+
+    def datasets(self, config, tokenizer):
+        """Train and eval ``ArrayDataset``s from ``data.train`` / ``data.eval``."""
+        train = self._dataset(tokenizer, config.data.train, "data.train")
+        evald = self._dataset(tokenizer, config.data.eval, "data.eval")
+        return train, evald
+
+    def logits(self, model, batch, rngs=None) -> jax.Array:
+        """Classifier logits ``[b, num_labels]``."""
+        return model(
+            batch["input_ids"], attention_mask=batch["attention_mask"],
+            token_type_ids=batch["token_type_ids"], rngs=rngs,
+        )
+
+    def loss(self, model, batch, rng):
+        """Mean (focal, class-weighted) cross-entropy and the batch accuracy."""
+        logits = self.logits(model, batch, nnx.Rngs(dropout=rng)).astype(jnp.float32)
+        labels = batch["labels"]
+        ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+        if self.focal_gamma > 0:
+            p_true = jnp.exp(-ce)
+            ce = (1.0 - p_true) ** self.focal_gamma * ce
+        if self.class_weights is not None:
+            w = self.class_weights[labels]
+            loss = jnp.sum(ce * w) / jnp.sum(w)
+        else:
+            loss = jnp.mean(ce)
+        acc = jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32))
+        return loss, {"accuracy": acc}
+
+    def _predict_batches(self, model, data: ArrayDataset):
+        forward = nnx.jit(lambda m, b: jax.nn.softmax(self.logits(m, b).astype(jnp.float32)))
+        probs = []
+        for batch in data.eval_batches(self.eval_batch_size):
+            valid = batch.pop(ArrayDataset.VALID)
+            batch.pop("labels", None)
+            probs.append(np.asarray(forward(model, batch))[valid])
+        return np.concatenate(probs)
+
+    def evaluate(self, model, data: ArrayDataset):
+        """Metrics on ``data`` and a few sample predictions."""
+        probs = self._predict_batches(model, data)
+        pred = probs.argmax(-1)
+        gold = data.arrays["labels"]
+        report = metrics_lib.classification_report(gold, pred, self.labels)
+        out = {k: v for k, v in report.items() if k != "per_class"}
+        for name, m in report["per_class"].items():
+            out[f"f1/{name}"] = m["f1"]
+        samples = [
+            {"text": t[:80], "label": self.labels[g], "pred": self.labels[p]}
+            for t, g, p in zip(self.eval_texts[:8], gold[:8], pred[:8])
+        ]
+        return out, samples
+
+    def predict(self, config, model, tokenizer, texts: list[str]) -> list[dict]:
+        """Label and probability for each text."""
+        arrays = self.encode(tokenizer, texts)
+        probs = self._predict_batches(model, ArrayDataset(arrays, name="predict"))
+        return [
+            {"text": t, "label": self.labels[int(p.argmax())], "prob": float(p.max())}
+            for t, p in zip(texts, probs)
+        ]
+
+    def export(self, model, tokenizer, out_dir: str) -> None:
+        """An HF directory that ``transformers`` loads as a sequence classifier."""
+        self.model_config.id2label = dict(enumerate(self.labels))
+        bert.export_pretrained(model, self.model_config, out_dir, tokenizer=tokenizer)

@@ -1,0 +1,282 @@
+"""Readers, validation messages, step-indexed batching, and the shipped demo datasets."""
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lib.data import ArrayDataset, pad_and_stack, read_json, read_jsonl, read_tsv
+from lib.errors import UserError
+
+REPO = Path(__file__).resolve().parent.parent
+DATA = REPO / "data"
+
+
+def _write(tmp_path, name: str, text: str) -> Path:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def _error(fn, *args, **kwargs) -> str:
+    with pytest.raises(UserError) as info:
+        fn(*args, **kwargs)
+    return str(info.value)
+
+
+# ------------------------------------------------------------------------------------------
+# JSONL
+
+
+def test_read_jsonl_ok_skips_blank_lines_and_keeps_extra_fields(tmp_path):
+    path = _write(tmp_path, "x.jsonl", '{"text": "好", "label": 1, "extra": null}\n\n'
+                  '{"text": "坏", "label": 0}\n')
+    rows = read_jsonl(path, {"text": str, "label": int})
+    assert rows == [{"text": "好", "label": 1, "extra": None}, {"text": "坏", "label": 0}]
+
+
+def test_read_jsonl_bad_json(tmp_path):
+    path = _write(tmp_path, "x.jsonl", '{"text": "a"}\n{"text": "b" "c"}\n')
+    assert _error(read_jsonl, path, {"text": str}) == (
+        f"{path}:2: invalid JSON (Expecting ',' delimiter at column 14)"
+    )
+
+
+def test_read_jsonl_missing_field(tmp_path):
+    path = _write(tmp_path, "x.jsonl", '{"text": "a"}\n\n{"label": 1}\n')
+    assert _error(read_jsonl, path, {"text": str}) == (
+        f'{path}:3: field "text" is missing (expected str)'
+    )
+
+
+def test_read_jsonl_wrong_type_and_not_an_object(tmp_path):
+    path = _write(tmp_path, "x.jsonl", '{"text": 5}\n')
+    assert _error(read_jsonl, path, {"text": str}) == (
+        f'{path}:1: field "text" has type int, expected str'
+    )
+    # A bool is not an int, an int is a float, a tuple lists alternatives.
+    path = _write(tmp_path, "y.jsonl", '{"n": 1.5, "m": 2}\n{"n": true, "m": 2}\n')
+    assert _error(read_jsonl, path, {"n": (int, float), "m": float}) == (
+        f'{path}:2: field "n" has type bool, expected int or float'
+    )
+    path = _write(tmp_path, "z.jsonl", "[1, 2]\n")
+    assert _error(read_jsonl, path, {}) == f"{path}:1: expected a JSON object, got list"
+
+
+def test_read_jsonl_bad_utf8(tmp_path):
+    path = tmp_path / "x.jsonl"
+    path.write_bytes(b'{"t": "a"}\n{"t": "\xff"}\n')
+    assert _error(read_jsonl, path, {"t": str}) == f"{path}:2: not valid UTF-8 (invalid start byte)"
+
+
+def test_missing_file_names_the_config_key(tmp_path):
+    path = tmp_path / "none.jsonl"
+    assert _error(read_jsonl, path, {}, key="data.train") == (
+        f"{path}: data file not found (set --config.data.train=PATH to an existing file)"
+    )
+    assert _error(read_json, path, {}) == f"{path}: data file not found"
+    assert _error(read_tsv, tmp_path, ["a"], key="data.eval") == (
+        f"{tmp_path}: is a directory, expected a data file "
+        "(set --config.data.eval=PATH to an existing file)"
+    )
+
+
+# ------------------------------------------------------------------------------------------
+# JSON arrays
+
+
+def test_read_json_array_ok_and_record_errors_name_index_and_line(tmp_path):
+    good = [{"poem": "一", "n": 1}, {"poem": "二", "n": 2}]
+    path = _write(tmp_path, "ok.json", json.dumps(good))
+    assert read_json(path, {"poem": str, "n": int}) == good
+
+    text = '[\n  {"poem": "a"},\n  {"poem": "b"},\n  {\n    "title": "c"\n  }\n]\n'
+    path = _write(tmp_path, "x.json", text)
+    assert _error(read_json, path, {"poem": str}) == (
+        f'{path}:4: record [2]: field "poem" is missing (expected str)'
+    )
+    path = _write(tmp_path, "y.json", '[{"poem": "a"}, {"poem": ["b"]}]')
+    assert _error(read_json, path, {"poem": str}) == (
+        f'{path}:1: record [1]: field "poem" has type list, expected str'
+    )
+
+
+def test_read_json_bad_json_and_not_an_array(tmp_path):
+    path = _write(tmp_path, "x.json", '[\n{"a": 1},\n{"a": 2\n]\n')
+    assert _error(read_json, path, {}) == (
+        f"{path}:4: invalid JSON (Expecting ',' delimiter at column 1)"
+    )
+    path = _write(tmp_path, "y.json", '{"a": 1}')
+    assert _error(read_json, path, {}) == f"{path}: expected a JSON array of objects, got dict"
+
+
+# ------------------------------------------------------------------------------------------
+# TSV
+
+
+def test_read_tsv_ok_and_types(tmp_path):
+    path = _write(tmp_path, "x.tsv", "1\t很好\n\n0\t不好 看\r\n")
+    rows = read_tsv(path, ["label", "text"], {"label": int})
+    assert rows == [{"label": 1, "text": "很好"}, {"label": 0, "text": "不好 看"}]
+
+
+def test_read_tsv_wrong_column_count(tmp_path):
+    path = _write(tmp_path, "x.tsv", "1\ta\n0\tb\tc\n")
+    assert _error(read_tsv, path, ["label", "text"]) == (
+        f"{path}:2: expected 2 tab-separated columns (label, text), got 3"
+    )
+
+
+def test_read_tsv_unparsable_int(tmp_path):
+    path = _write(tmp_path, "x.tsv", "1\ta\n\nx1\tb\n")
+    assert _error(read_tsv, path, ["label", "text"], {"label": int}) == (
+        f"{path}:3: column \"label\" is not a valid int: 'x1'"
+    )
+
+
+# ------------------------------------------------------------------------------------------
+# pad_and_stack
+
+
+def test_pad_and_stack_right_and_left():
+    ids, mask = pad_and_stack([[5, 6, 7], [8], []], 4, pad_id=9)
+    np.testing.assert_array_equal(ids, [[5, 6, 7, 9], [8, 9, 9, 9], [9, 9, 9, 9]])
+    np.testing.assert_array_equal(mask, [[1, 1, 1, 0], [1, 0, 0, 0], [0, 0, 0, 0]])
+    ids, mask = pad_and_stack([[5, 6, 7], [8]], None, pad_id=0, side="left")
+    np.testing.assert_array_equal(ids, [[5, 6, 7], [0, 0, 8]])
+    np.testing.assert_array_equal(mask, [[1, 1, 1], [0, 0, 1]])
+    assert ids.dtype == np.int32 and mask.dtype == np.int32
+    with pytest.raises(ValueError, match="sequence 1 has 3 tokens > max_len 2"):
+        pad_and_stack([[1], [1, 2, 3]], 2)
+
+
+# ------------------------------------------------------------------------------------------
+# ArrayDataset
+
+
+def _dataset(n: int = 10) -> ArrayDataset:
+    return ArrayDataset({"x": np.arange(n), "y": np.arange(n) * 10})
+
+
+def test_batch_is_a_pure_function_of_seed_and_step():
+    a, b = _dataset(), _dataset()
+    # b is asked in another order (as after a resume): the answers must not change.
+    later = b.batch(7, 4, seed=3)
+    first = b.batch(0, 4, seed=3)
+    np.testing.assert_array_equal(a.batch(0, 4, seed=3)["x"], first["x"])
+    np.testing.assert_array_equal(a.batch(7, 4, seed=3)["x"], later["x"])
+    np.testing.assert_array_equal(first["y"], first["x"] * 10)  # rows stay aligned
+    assert not np.array_equal(a.batch(0, 4, seed=3)["x"], a.batch(0, 4, seed=4)["x"])
+    # Epoch e's order is exactly default_rng((seed, e)).permutation(n).
+    stream = np.concatenate([a.batch(s, 5, seed=3)["x"] for s in range(4)])
+    expect = np.concatenate([np.random.default_rng((3, e)).permutation(10) for e in range(2)])
+    np.testing.assert_array_equal(stream, expect)
+
+
+def test_every_example_once_per_epoch_across_straddling_batches():
+    ds = _dataset(10)
+    assert ds.steps_per_epoch(4) == 3 and ds.epoch(5, 4) == 2.0
+    stream = np.concatenate([ds.batch(s, 4, seed=0)["x"] for s in range(15)])  # 6 epochs
+    for e in range(6):
+        assert sorted(stream[10 * e : 10 * (e + 1)]) == list(range(10))
+    assert not np.array_equal(stream[:10], stream[10:20])  # a fresh order each epoch
+    # Unshuffled, the stream is 0..n-1 repeated.
+    np.testing.assert_array_equal(ds.batch(2, 4, seed=0, shuffle=False)["x"], [8, 9, 0, 1])
+    # A batch larger than the dataset spans several epochs and still covers each one.
+    big = ds.batch(0, 25, seed=1)["x"]
+    assert sorted(big[:10]) == list(range(10)) and sorted(big[10:20]) == list(range(10))
+
+
+def test_eval_batches_pad_the_last_batch_with_a_valid_mask():
+    ds = _dataset(10)
+    batches = list(ds.eval_batches(4))
+    assert len(batches) == ds.num_eval_batches(4) == 3
+    assert all(b["x"].shape == (4,) for b in batches)
+    np.testing.assert_array_equal(np.concatenate([b["x"] for b in batches]),
+                                  [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 9, 9])
+    np.testing.assert_array_equal(batches[2]["_valid"], [True, True, False, False])
+    assert batches[0]["_valid"].dtype == bool and batches[0]["_valid"].all()
+
+
+def test_array_dataset_rejects_bad_input():
+    with pytest.raises(ValueError, match="arrays differ in length"):
+        ArrayDataset({"a": np.zeros(3), "b": np.zeros(4)})
+    with pytest.raises(UserError, match="train: the dataset is empty"):
+        ArrayDataset({"a": np.zeros((0, 5))}, name="train")
+    with pytest.raises(UserError, match="seed must be >= 0"):
+        _dataset().batch(0, 2, seed=-1)
+
+
+# ------------------------------------------------------------------------------------------
+# The demo datasets shipped in data/
+
+
+def _readme_counts() -> dict[str, int]:
+    """`| reviews/train.tsv | 8000 | ...` rows of data/README.md's count table."""
+    text = (DATA / "README.md").read_text(encoding="utf-8")
+    return {m[1]: int(m[2]) for m in re.finditer(r"^\| `([\w/]+\.\w+)` \| (\d+) \|", text, re.M)}
+
+
+def test_shipped_reviews_are_disjoint_balanced_and_counted():
+    counts = _readme_counts()
+    labels = (DATA / "reviews" / "labels.txt").read_text(encoding="utf-8").split()
+    assert labels == ["负面", "正面"] and counts["reviews/labels.txt"] == 2
+    seen: dict[str, str] = {}
+    for split in ("train", "dev", "test"):
+        rows = read_tsv(DATA / "reviews" / f"{split}.tsv", ["label", "text"], {"label": int})
+        assert len(rows) == counts[f"reviews/{split}.tsv"]
+        per_label = np.bincount([r["label"] for r in rows], minlength=len(labels))
+        assert len(per_label) == len(labels) and per_label[0] == per_label[1]
+        for r in rows:
+            assert 4 <= len(r["text"]) <= 256 and r["text"] == r["text"].strip()
+            assert r["text"] not in seen, f"{r['text']!r} in {seen.get(r['text'])} and {split}"
+            seen[r["text"]] = split
+    assert counts["reviews/train.tsv"] == 8000
+
+
+def test_shipped_poetry_files_load_and_split_cleanly():
+    counts = _readme_counts()
+    pair_fields = {"title": str, "author": str, "poem": str, "appreciation": str, "form": str,
+                   "keywords": list}
+    pairs = read_json(DATA / "poetry" / "pairs.json", pair_fields)
+    train = read_json(DATA / "poetry" / "pairs_train.json", pair_fields)
+    test = read_json(DATA / "poetry" / "pairs_test.json", pair_fields)
+    extra = read_json(DATA / "poetry" / "keyword_poems.json",
+                      {k: v for k, v in pair_fields.items() if k != "appreciation"})
+    for name, records in [("pairs", pairs), ("pairs_train", train), ("pairs_test", test),
+                          ("keyword_poems", extra)]:
+        assert len(records) == counts[f"poetry/{name}.json"]
+    assert (len(pairs), len(train), len(test)) == (152, 132, 20)
+    assert sorted(p["poem"] for p in train + test) == sorted(p["poem"] for p in pairs)
+    assert not {p["poem"] for p in extra} & {p["poem"] for p in pairs}
+    forms = {"5言绝句", "7言绝句", "5言律诗", "7言律诗"}
+    assert all(p["form"] in forms | {"其他"} for p in pairs)
+    assert all(p["form"] in forms and 2 <= len(p["keywords"]) <= 4 for p in extra)
+    # The form label matches the shape: 4 or 8 half-lines of 5 or 7 characters.
+    for p in pairs + extra:
+        parts = [c for c in re.split("[，。？！；：、]", p["poem"]) if c]
+        if p["form"] != "其他":
+            n_chars, kind = int(p["form"][0]), p["form"][2:]
+            assert len(parts) == {"绝句": 4, "律诗": 8}[kind]
+            assert {len(c) for c in parts} == {n_chars}
+
+
+def test_build_script_reproduces_the_shipped_files(tmp_path):
+    """Rebuilding from the raw sources gives byte-identical files (needs the sources + OpenCC)."""
+    import importlib.util
+
+    src = REPO.parent / "shared" / "datasets"
+    if not (src / "reviews").is_dir() or importlib.util.find_spec("opencc") is None:
+        pytest.skip("raw sources or the build-time dependency opencc are not available")
+    spec = importlib.util.spec_from_file_location("build_demo_data",
+                                                  REPO / "scripts" / "build_demo_data.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.main(["--src", str(src), "--out", str(tmp_path)])
+    built = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file())
+    shipped = sorted(p.relative_to(DATA) for p in DATA.rglob("*") if p.is_file())
+    assert built == [p for p in shipped if p.name != "README.md"]
+    for rel in built:
+        assert (tmp_path / rel).read_bytes() == (DATA / rel).read_bytes(), rel
