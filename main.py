@@ -8,6 +8,7 @@ Modes: ``train`` (resumes from --workdir), ``eval`` (best checkpoint on config.d
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -21,6 +22,17 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: workdir
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "predict", "export"], "What to do.")
 
 
+def enable_compilation_cache() -> None:
+    """Keep compiled XLA programs on disk: a rerun or resume of the same config skips
+    recompiling (tens of seconds on CPU). ZHTUNE_XLA_CACHE=DIR moves it, '' turns it off."""
+    import jax
+
+    cache = os.environ.get("ZHTUNE_XLA_CACHE", os.path.expanduser("~/.cache/zhtune/xla"))
+    if cache:
+        jax.config.update("jax_compilation_cache_dir", cache)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+
+
 def run(config, workdir: Path, mode: str) -> None:
     """Hand the config to the trainer or to the task's inference modes."""
     import tasks
@@ -30,7 +42,9 @@ def run(config, workdir: Path, mode: str) -> None:
     if mode == "train":
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
-        metrics = train.train(config, workdir, task)
+        # Experiments made of several trainings (LoopCoT's runs) drive the trainer themselves.
+        runner = getattr(task, "run", None)
+        metrics = runner(config, workdir) if runner else train.train(config, workdir, task)
         print("final eval: " + json.dumps(metrics, ensure_ascii=False), flush=True)
         return
     model, tokenizer, step = train.restore_model(config, workdir, task)
@@ -57,10 +71,17 @@ def main(argv: list[str]) -> None:
     config = _CONFIG.value
     if config is None:
         raise app.UsageError("--config=configs/<file>.py[:variant] is required")
+    try:
+        config.task  # noqa: B018 - a config file that failed to load raises here
+    except OSError as e:
+        where = next((ln.strip() for ln in str(e).splitlines() if ".py" in ln), "")
+        print(f"error: cannot load the config file {where}", file=sys.stderr)
+        sys.exit(2)
     # Orbax and JAX log every checkpoint step at INFO; keep the console for our progress.
     logging.set_verbosity(logging.WARNING)
     workdir = Path(_WORKDIR.value or f"workdirs/{config.task}")
     config.workdir = str(workdir)
+    enable_compilation_cache()
     try:
         run(config, workdir, _MODE.value)
     except UserError as e:
@@ -71,5 +92,27 @@ def main(argv: list[str]) -> None:
         sys.exit(130)
 
 
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl flag parsing, with config mistakes reported on one line (no traceback)."""
+    try:
+        return flags.FLAGS(argv)
+    except (AttributeError, KeyError) as e:
+        # ml_collections reports an unknown override key as AttributeError('key' Did you...).
+        lines = str(e).strip("'\"").replace("\\n", "\n").splitlines()
+        key = lines[0].strip("'\\")
+        hint = f" ({lines[1].strip()})" if len(lines) > 1 else ""
+        arg = next((a for a in argv if a.startswith("--config.") and f".{key}" in a), key)
+        print(f"error: unknown config key in {arg.split('=')[0]}{hint}", file=sys.stderr)
+    except flags.Error as e:
+        # A config file that raises: its own last line says what is wrong.
+        lines = [ln for ln in str(e).splitlines() if ln.strip()]
+        first = lines[0].split(": Error whilst parsing")[0]
+        detail = f" ({lines[-1].strip()})" if len(lines) > 1 else ""
+        print(f"error: {first}{detail}", file=sys.stderr)
+    except Exception as e:  # noqa: BLE001 - a config file that fails to build
+        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

@@ -19,6 +19,10 @@ from orbax.checkpoint import checkpoint_managers as policies
 from lib.errors import UserError
 
 
+# The named pytrees of a checkpoint: trainable params, and the rest of the train state.
+ITEMS = ("params", "train")
+
+
 class Checkpoints:
     """Save and restore named pytrees (``params``, ``train``) per step under ``directory``.
 
@@ -51,7 +55,11 @@ class Checkpoints:
             enable_async_checkpointing=False,
             create=True,
         )
-        self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self.manager = ocp.CheckpointManager(
+            self.directory,
+            options=options,
+            item_handlers={name: ocp.StandardCheckpointHandler() for name in ITEMS},
+        )
 
     def latest_step(self) -> int | None:
         """The newest complete checkpoint's step, or None."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -155,11 +155,13 @@ def read_tsv(
     columns: Sequence[str],
     types: Mapping[str, type] | None = None,
     key: str | None = None,
+    check: Callable[[dict], str | None] | None = None,
 ) -> list[dict]:
     """Read a tab-separated file with exactly `len(columns)` columns per non-blank line.
 
     No header line and no quoting: a field cannot contain a tab. Values are str unless `types`
-    maps the column to `int` or `float`, which must then parse.
+    maps the column to `int` or `float`, which must then parse. `check(record)` may return a
+    message for a record the task cannot use; it is raised as a UserError at `file:line`.
     """
     _check_file(path, key)
     types = dict(types or {})
@@ -187,6 +189,9 @@ def read_tsv(
                     f'{path}:{number}: column "{name}" is not a valid {kind.__name__}: '
                     f"{record[name]!r}"
                 ) from None
+        problem = check(record) if check is not None else None
+        if problem:
+            raise UserError(f"{path}:{number}: {problem}")
         records.append(record)
     return records
 

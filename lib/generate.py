@@ -95,7 +95,7 @@ def _generate(
         # Prefill all prompt tokens but the last. Its logits are unused, so XLA drops the LM
         # head here: with a large vocabulary that is most of the memory of a long prefill.
         positions = jnp.maximum(jnp.cumsum(mask[:, :-1], axis=-1, dtype=jnp.int32) - 1, 0)
-        _, cache = model(input_ids[:, :-1], mask[:, :-1], positions, cache)
+        _, cache = model(input_ids[:, :-1], mask[:, :-1], positions=positions, cache=cache)
     # Left padding puts every row's last prompt token in the last column; the loop feeds it
     # first, at the position after the row's other real tokens.
     last_pos = jnp.sum(mask, axis=-1, dtype=jnp.int32) - 1
@@ -107,7 +107,7 @@ def _generate(
 
     def body(carry):
         i, out, token, done, pos, cache = carry
-        logits, cache = model(token[:, None], step_mask, pos[:, None], cache)
+        logits, cache = model(token[:, None], step_mask, positions=pos[:, None], cache=cache)
         token = _choose(logits[:, 0], jax.random.fold_in(rng, i), settings)
         token = jnp.where(done, pad, token)
         out = jax.lax.dynamic_update_slice(out, token[:, None], (0, i))

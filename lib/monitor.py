@@ -27,15 +27,36 @@ import time
 from collections.abc import Callable
 from typing import IO, Any
 
+import matplotlib
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from tensorboardX import summary as tbx_summary
-from tensorboardX.event_file_writer import EventsWriter
-from tensorboardX.proto.event_pb2 import Event, SessionLog
 from tqdm import tqdm
 
 from lib.errors import UserError
+
+# Fonts with Chinese glyphs, tried in order (e.g. Debian's fonts-noto-cjk / fonts-wqy-zenhei).
+CJK_FONTS = ["Noto Sans CJK SC", "Noto Sans CJK JP", "WenQuanYi Zen Hei", "SimHei",
+             "Microsoft YaHei", "PingFang SC", "Source Han Sans SC"]
+
+
+def _import_tensorboardx():
+    """Import tensorboardX's event writer without its ``import torch`` (4+ s of start-up for
+    every run; we never hand it tensors). Where torch is already loaded nothing changes."""
+    blocked = "torch" not in sys.modules
+    if blocked:
+        sys.modules["torch"] = None  # makes `import torch` raise ImportError
+    try:
+        from tensorboardX import summary
+        from tensorboardX.event_file_writer import EventsWriter
+        from tensorboardX.proto.event_pb2 import Event, SessionLog
+    finally:
+        if blocked:
+            del sys.modules["torch"]
+    return summary, EventsWriter, Event, SessionLog
+
+
+tbx_summary, EventsWriter, Event, SessionLog = _import_tensorboardx()
 
 # Indirection so that tests can drive the clock behind speed and ETA.
 _clock = time.monotonic
@@ -355,8 +376,15 @@ class Monitor:
 
         ncols = min(3, len(panels))
         nrows = math.ceil(len(panels) / ncols)
-        fig = Figure(figsize=(4.2 * ncols, 3.0 * nrows), dpi=100, layout="constrained")
+        fig = Figure(figsize=(4.2 * ncols, 3.0 * nrows), dpi=100)
+        # Chinese metric names (per-class F1) need a CJK font; use one where installed.
+        with_cjk = {"font.sans-serif": [*CJK_FONTS, *matplotlib.rcParams["font.sans-serif"]]}
         canvas = FigureCanvasAgg(fig)
+        with matplotlib.rc_context(with_cjk):
+            self._draw_panels(fig, panels, nrows, ncols)
+        _atomic_write(self.plot_path, lambda f: canvas.print_png(f))
+
+    def _draw_panels(self, fig, panels, nrows: int, ncols: int) -> None:
         axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
         for ax, (title, kind, name) in zip(axes, panels):
             points = [p for p in self.history[kind] if name in p]
@@ -373,4 +401,6 @@ class Monitor:
             ax.grid(alpha=0.3)
         for ax in axes[len(panels):]:
             ax.set_visible(False)
-        _atomic_write(self.plot_path, lambda f: canvas.print_png(f))
+        # Fixed margins: constrained layout costs seconds per redraw on a slow CPU.
+        fig.subplots_adjust(left=0.06, right=0.98, top=0.93, bottom=0.09, wspace=0.25,
+                            hspace=0.45)

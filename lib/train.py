@@ -415,16 +415,22 @@ def _key(entry: Any) -> str:
     return str(entry)
 
 
-def restore_model(config, workdir: str | os.PathLike, task, which: str = "best"):
-    """Build the task's model and load the ``best`` (else latest) or ``latest`` checkpoint's
-    params from ``workdir``: ``(model, tokenizer, step)``."""
+def restore_model(config, workdir: str | os.PathLike, task, which: str | int = "best"):
+    """Build the task's model and load a checkpoint's params from ``workdir``:
+    ``(model, tokenizer, step)``. ``which`` is ``"best"`` (else latest), ``"latest"`` or a
+    step number."""
     model, tokenizer = task.build(config)
     ckpt = Checkpoints(
         Path(workdir) / "checkpoints",
         best_metric=config.eval.get("best_metric") or None,
         best_mode=config.eval.get("best_mode", "max"),
     )
-    step = (ckpt.best_step() if which == "best" else None) or ckpt.latest_step()
+    if isinstance(which, int):
+        if which not in ckpt.all_steps():
+            raise UserError(f"{ckpt.directory} has no checkpoint of step {which}")
+        step = which
+    else:
+        step = (ckpt.best_step() if which == "best" else None) or ckpt.latest_step()
     if step is None:
         raise UserError(f"{ckpt.directory} has no checkpoint: train first (--mode=train)")
     graphdef, params, frozen = split_model(model, getattr(task, "trainable", nnx.Param))

@@ -12,7 +12,7 @@ import importlib
 
 from lib.errors import UserError
 
-TASKS = ("classification",)
+TASKS = ("classification", "sft", "loopcot")
 
 
 def get(name: str):

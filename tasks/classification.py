@@ -39,15 +39,14 @@ def read_labels(path: str) -> list[str]:
 
 def read_examples(path: str, num_labels: int, key: str) -> list[dict]:
     """``label_id \\t text`` records; a label outside ``[0, num_labels)`` names file:line."""
-    rows = read_tsv(path, ["label", "text"], {"label": int}, key=key)
-    for i, row in enumerate(rows):
+
+    def check(row: dict) -> str | None:
         if not 0 <= row["label"] < num_labels:
-            line = row.get("_line", i + 1)
-            raise UserError(
-                f"{path}:{line}: label {row['label']} is outside the label set "
-                f"0..{num_labels - 1} (see --config.data.labels)"
-            )
-    return rows
+            return (f"label {row['label']} is outside the label set 0..{num_labels - 1} "
+                    "(see --config.data.labels)")
+        return None
+
+    return read_tsv(path, ["label", "text"], {"label": int}, key=key, check=check)
 
 
 def scratch_config(config, vocab_size: int, num_labels: int) -> bert.BertConfig:
@@ -193,5 +192,5 @@ class Task:
 
     def export(self, model, tokenizer, out_dir: str) -> None:
         """An HF directory that ``transformers`` loads as a sequence classifier."""
-        self.model_config.id2label = dict(enumerate(self.labels))
+        self.model_config.hf_extra["id2label"] = dict(enumerate(self.labels))
         bert.export_pretrained(model, self.model_config, out_dir, tokenizer=tokenizer)

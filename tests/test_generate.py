@@ -157,10 +157,14 @@ def test_top_k_1_sampling_is_greedy(pair, prompts):
     np.testing.assert_array_equal(sampled, greedy)
 
 
+# Compiled per setting: one compile is cheaper than dispatching each op eagerly on CPU.
+warp = jax.jit(gen.warp_logits, static_argnames=("temperature", "top_k", "top_p"))
+
+
 def test_top_p_on_a_hand_made_distribution():
     probs = jnp.asarray([[0.05, 0.5, 0.15, 0.3]])
     logits = jnp.log(probs)
-    kept = lambda **kw: np.isfinite(np.asarray(gen.warp_logits(logits, **kw)))[0].tolist()
+    kept = lambda **kw: np.isfinite(np.asarray(warp(logits, **kw)))[0].tolist()
     # Sorted: 0.5, 0.3, 0.15, 0.05 -> cumulative 0.5, 0.8, 0.95, 1.0.
     assert kept(top_p=0.4) == [False, True, False, False]  # the top token always stays
     assert kept(top_p=0.75) == [False, True, False, True]
@@ -170,7 +174,7 @@ def test_top_p_on_a_hand_made_distribution():
     assert kept(top_k=2) == [False, True, False, True]
     assert kept(top_k=3, top_p=0.75) == [False, True, False, True]
     # Kept logits are untouched (then divided by the temperature).
-    warped = gen.warp_logits(logits, temperature=0.5, top_p=0.75)
+    warped = warp(logits, temperature=0.5, top_p=0.75)
     np.testing.assert_allclose(np.asarray(warped)[0, [1, 3]], np.log([0.5, 0.3]) / 0.5, rtol=1e-6)
 
 
@@ -187,7 +191,7 @@ def test_warp_matches_hf_warpers():
         )
         expected = warpers(None, torch.tensor(logits)).numpy()
         ours = np.asarray(
-            gen.warp_logits(jnp.asarray(logits), temperature=temperature, top_k=top_k, top_p=top_p)
+            warp(jnp.asarray(logits), temperature=temperature, top_k=top_k, top_p=top_p)
         )
         np.testing.assert_array_equal(np.isfinite(ours), np.isfinite(expected))
         finite = np.isfinite(expected)

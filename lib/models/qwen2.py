@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -401,7 +402,7 @@ def load_pretrained(
 
 def export_pretrained(
     model: Qwen2ForCausalLM, cfg: Qwen2Config, out_dir: str | os.PathLike, tokenizer=None
-):
+) -> Path:
     """Write ``model`` as an HF Qwen2 directory that ``transformers`` loads directly."""
     state = hf.state_of(model, functools.partial(ours_to_hf, cfg=cfg))
     return hf.save_pretrained(state, cfg.to_hf(), out_dir, tokenizer=tokenizer)

@@ -1,0 +1,348 @@
+"""Train-step speed: our jitted, sharded train step vs Hugging Face PyTorch, on this machine.
+
+For each size, one BERT sequence classifier (vocab 21128) is built with ``transformers``, saved,
+and loaded by our port, so both sides train the same weights on the same batch:
+
+- ours: ``lib.train.init_state`` + ``compile_step`` (exactly what training runs: AdamW with the
+  weight-decay mask, global-norm clipping, fp32, dropout on, donated state) around the loss of
+  ``tasks.classification``;
+- PyTorch: ``BertForSequenceClassification`` in train mode, ``torch.optim.AdamW`` with the same
+  decay groups and linear schedule, ``clip_grad_norm_``, fp32, ``os.cpu_count()`` threads.
+
+Compilation / the first step is excluded and reported separately; then the two alternate, one
+block of steps each, so both see the same machine load. The table gives tokens/s (median step)
+and the ratio ours / PyTorch.
+
+    .venv/bin/python benchmarks/train_step.py [--sizes small,base --steps 10 --batch 16 --seq 128]
+    .venv/bin/python benchmarks/train_step.py --profile [--trace /tmp/trace]
+
+``--profile`` (small size) prints XLA's cost analysis of the compiled step, the time of the
+forward pass, of forward + backward and of the whole step, and the most expensive fusions of
+the optimized HLO; ``--trace DIR`` also writes a ``jax.profiler`` trace (open it in Perfetto).
+
+Another model/step pair is one more function returning a ``Pair`` (see ``bert_classification``)
+and one more entry in ``PAIRS``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gzip
+import json
+import os
+import re
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import ml_collections  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from lib import sharding, train  # noqa: E402
+from lib.models import bert  # noqa: E402
+from tasks import classification  # noqa: E402
+
+SIZES = {
+    "small": dict(num_hidden_layers=4, hidden_size=256, num_attention_heads=4,
+                  intermediate_size=1024),
+    "base": dict(num_hidden_layers=12, hidden_size=768, num_attention_heads=12,
+                 intermediate_size=3072),
+}
+VOCAB = 21128
+NUM_LABELS = 2
+# The training hyper-parameters of both sides (a typical BERT fine-tuning run).
+TRAIN = dict(lr=2e-5, warmup_steps=10, schedule="linear", weight_decay=0.01, grad_clip=1.0,
+             seed=0)
+TOTAL_STEPS = 1000
+
+
+@dataclasses.dataclass
+class Pair:
+    """One model/step pair: a step of ours and of PyTorch on the same batch.
+
+    ``ours()`` / ``torch()`` run one train step, block until it is done and return the loss.
+    ``tokens`` is the number of tokens one step processes. ``lower()`` lowers our jitted step
+    for the batch (for ``--profile``); ``parts`` are extra jitted pieces to time there.
+    """
+
+    name: str
+    tokens: int
+    ours: Callable[[], float]
+    torch: Callable[[], float]
+    lower: Callable[[], jax.stages.Lowered] | None = None
+    parts: dict[str, Callable[[], object]] = dataclasses.field(default_factory=dict)
+
+
+def random_batch(batch: int, seq: int, vocab: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """Token ids with some right padding (a quarter of the rows are half padding) and labels."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(1000, vocab, size=(batch, seq)).astype(np.int32)
+    mask = np.ones_like(ids)
+    mask[::4, seq // 2:] = 0
+    ids[mask == 0] = 0
+    return {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "token_type_ids": np.zeros_like(ids),
+        "labels": rng.integers(0, NUM_LABELS, size=batch).astype(np.int32),
+    }
+
+
+def _torch_optimizer(model: torch.nn.Module):
+    """AdamW with decay on everything but biases and LayerNorm weights, linear schedule."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if name.endswith("bias") or "LayerNorm" in name else decay).append(p)
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": TRAIN["weight_decay"]},
+         {"params": no_decay, "weight_decay": 0.0}],
+        lr=TRAIN["lr"], betas=(0.9, 0.999), eps=1e-8,
+    )
+    sched = transformers.get_linear_schedule_with_warmup(opt, TRAIN["warmup_steps"], TOTAL_STEPS)
+    return opt, sched
+
+
+def bert_classification(size: str, batch: int, seq: int) -> Pair:
+    """BERT sequence classification: ``lib.train`` step vs ``BertForSequenceClassification``."""
+    hf_cfg = transformers.BertConfig(
+        vocab_size=VOCAB, max_position_embeddings=512, num_labels=NUM_LABELS,
+        hidden_act="gelu", hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1,
+        **SIZES[size],
+    )
+    torch.manual_seed(0)
+    hf_model = transformers.BertForSequenceClassification(hf_cfg)
+    with tempfile.TemporaryDirectory() as tmp:
+        hf_model.save_pretrained(tmp)
+        model, _ = bert.load_pretrained(tmp, bert.BertForSequenceClassification)
+    host = random_batch(batch, seq, VOCAB)
+
+    # --- ours: exactly the trainer's pieces
+    task = classification.Task()
+    # What Task.build sets from config.loss: plain cross-entropy.
+    task.focal_gamma, task.class_weights = 0.0, None
+    tcfg = ml_collections.ConfigDict(TRAIN)
+    mesh = sharding.make_mesh(-1, 1, 1)
+    schedule = train.make_schedule(tcfg, TOTAL_STEPS)
+    tx = train.make_optimizer(tcfg, schedule)
+    graphdef, state, state_sh, frozen, frozen_sh = train.init_state(model, tx, mesh)
+    del model
+    step = train.compile_step(graphdef, task.loss, tx, schedule, state_sh, frozen_sh, mesh,
+                              grad_accum=1, seed=TRAIN["seed"])
+    device_batch = sharding.shard_batch(host, mesh)
+    holder = {"state": state}
+
+    def ours() -> float:
+        holder["state"], metrics = step(holder["state"], frozen, device_batch)
+        return float(jax.block_until_ready(metrics["loss"]))
+
+    # Pieces of the step for --profile: the loss alone and loss + gradient.
+    def loss_only(params, batch):
+        model = nnx.merge(graphdef, params, frozen)
+        return task.loss(model, batch, jax.random.key(0))[0]
+
+    fwd = jax.jit(loss_only)
+    fwd_bwd = jax.jit(jax.grad(loss_only))
+    parts = {
+        "forward (loss)": lambda: jax.block_until_ready(fwd(holder["state"]["params"],
+                                                            device_batch)),
+        "forward + backward": lambda: jax.block_until_ready(
+            fwd_bwd(holder["state"]["params"], device_batch)),
+    }
+
+    # --- PyTorch
+    hf_model.train()
+    opt, sched = _torch_optimizer(hf_model)
+    tb = {k: torch.from_numpy(v.astype(np.int64)) for k, v in host.items()}
+
+    def torch_step() -> float:
+        out = hf_model(input_ids=tb["input_ids"], attention_mask=tb["attention_mask"],
+                       token_type_ids=tb["token_type_ids"], labels=tb["labels"])
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(hf_model.parameters(), TRAIN["grad_clip"])
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        return float(out.loss.detach())
+
+    lower = lambda: step.lower(holder["state"], frozen, device_batch)
+    return Pair(f"bert-cls {size}", batch * seq, ours, torch_step, lower, parts)
+
+
+# name -> builder(size, batch, seq); a new model/step pair is one more entry.
+PAIRS: dict[str, Callable[[str, int, int], Pair]] = {"bert-cls": bert_classification}
+
+
+def measure(pair: Pair, steps: int, block: int) -> dict[str, float]:
+    """Warm up both sides, then alternate blocks of ``block`` steps until each ran ``steps``.
+
+    Returns first-step times (compile / warm-up), median step times, losses and load.
+    """
+    t0 = time.perf_counter()
+    loss_ours = pair.ours()
+    first_ours = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    loss_torch = pair.torch()
+    first_torch = time.perf_counter() - t0
+    pair.ours(), pair.torch()  # a second warm-up step each (allocator, caches)
+    times_ours: list[float] = []
+    times_torch: list[float] = []
+    loads = [os.getloadavg()[0]]
+    while len(times_ours) < steps:
+        for fn, times in ((pair.ours, times_ours), (pair.torch, times_torch)):
+            for _ in range(min(block, steps - len(times))):
+                t0 = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t0)
+        loads.append(os.getloadavg()[0])
+    return {
+        "first_ours": first_ours,
+        "first_torch": first_torch,
+        "ours": statistics.median(times_ours),
+        "torch": statistics.median(times_torch),
+        "ours_min": min(times_ours),
+        "torch_min": min(times_torch),
+        "loss_ours": loss_ours,
+        "loss_torch": loss_torch,
+        "load": statistics.mean(loads),
+    }
+
+
+def print_table(rows: list[tuple[Pair, dict[str, float]]]) -> None:
+    """tokens/s of both sides and the ratio, one line per pair."""
+    head = (f"{'step':<16} {'tokens':>6} {'ours tok/s':>11} {'torch tok/s':>11} {'ratio':>6} "
+            f"{'ours s':>7} {'torch s':>7} {'compile s':>9} {'load':>5}")
+    print(head)
+    print("-" * len(head))
+    for pair, r in rows:
+        print(f"{pair.name:<16} {pair.tokens:>6} {pair.tokens / r['ours']:>11.0f} "
+              f"{pair.tokens / r['torch']:>11.0f} {r['torch'] / r['ours']:>6.2f} "
+              f"{r['ours']:>7.3f} {r['torch']:>7.3f} {r['first_ours'] - r['ours']:>9.1f} "
+              f"{r['load']:>5.1f}")
+
+
+def profile(pair: Pair, trace_dir: str | None, top: int) -> None:
+    """Cost analysis, timing of the step's parts, and where the step's time goes per XLA op."""
+    compiled = pair.lower().compile()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    flops = float(cost.get("flops", 0.0))
+    print(f"XLA cost analysis: {flops / 1e9:.1f} GFLOP, "
+          f"{float(cost.get('bytes accessed', 0.0)) / 1e9:.2f} GB accessed per step")
+    step_s = 0.0
+    for name, fn in {**pair.parts, "whole step": pair.ours}.items():
+        fn()
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        step_s = min(times)
+        print(f"  {name:<20} {step_s:.3f} s (fastest of 3)")
+    print(f"  whole step: {flops / 1e9 / step_s:.1f} GFLOP/s")
+    steps = 3
+    with tempfile.TemporaryDirectory() as tmp:
+        out = trace_dir or tmp
+        with jax.profiler.trace(out):
+            for _ in range(steps):
+                pair.ours()
+        files = sorted(Path(out).rglob("*.trace.json.gz"))
+        per_op = _op_times(files[-1]) if files else {}
+        if trace_dir:
+            print(f"trace written to {trace_dir} (open the .trace.json.gz in Perfetto)")
+    if not per_op:
+        print("the trace has no per-op events")
+        return
+    _print_op_table(per_op, compiled.as_text(), steps, top)
+
+
+def _op_times(trace_file: Path) -> dict[str, tuple[float, int]]:
+    """Total microseconds and count of each XLA op (thunk) in a ``jax.profiler`` trace."""
+    events = json.loads(gzip.decompress(trace_file.read_bytes()))["traceEvents"]
+    out: dict[str, tuple[float, int]] = {}
+    for e in events:
+        name = e.get("name", "")
+        # Python frames ($...), the executor's own spans and waits are not ops.
+        if e.get("ph") != "X" or name.startswith(("$", "Thunk", "Slinky", "end: ", "Wait ",
+                                                  "PjitFunction")):
+            continue
+        total, n = out.get(name, (0.0, 0))
+        out[name] = (total + float(e.get("dur", 0.0)), n + 1)
+    return out
+
+
+def _print_op_table(per_op: dict[str, tuple[float, int]], hlo: str, steps: int, top: int):
+    """Per step: time by op kind (the name without its number), then the heaviest single ops
+    with the jax operation they come from (HLO ``op_name`` metadata)."""
+    kinds: dict[str, list[float]] = {}
+    for name, (us, n) in per_op.items():
+        kind = re.sub(r"\.\d+$", "", name)
+        acc = kinds.setdefault(kind, [0.0, 0])
+        acc[0] += us
+        acc[1] += n
+    total = sum(us for us, _ in per_op.values())
+    print(f"time in XLA ops: {total / steps / 1e3:.0f} ms per step; by kind (top {top}):")
+    for kind, (us, n) in sorted(kinds.items(), key=lambda kv: -kv[1][0])[:top]:
+        print(f"  {us / steps / 1e3:8.1f} ms {100 * us / total:5.1f}% {n // steps:5d}x  {kind}")
+    origin = {}
+    for m in re.finditer(r"%(\S+) = (\S+) .*?op_name=\"([^\"]*)\"", hlo):
+        origin.setdefault(m.group(1), (m.group(2), m.group(3)))
+    print(f"heaviest ops (top {top}):")
+    for name, (us, _) in sorted(per_op.items(), key=lambda kv: -kv[1][0])[:top]:
+        shape, op_name = origin.get(name, ("", ""))
+        print(f"  {us / steps / 1e3:8.1f} ms  {name:<28} {shape:<22} {op_name[:70]}")
+
+
+def main() -> None:
+    """Parse flags, run every requested size, print the table (or the profile)."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pairs", default="bert-cls", help=f"of {sorted(PAIRS)}")
+    parser.add_argument("--sizes", default="small,base", help=f"of {sorted(SIZES)}")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per side")
+    parser.add_argument("--block", type=int, default=1, help="steps per alternation")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--base-batch", type=int, default=8,
+                        help="batch of the base size (keeps a run within a few minutes)")
+    parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--profile", action="store_true",
+                        help="profile our step at the small size instead of comparing")
+    parser.add_argument("--trace", default=None, help="with --profile: jax.profiler trace dir")
+    parser.add_argument("--top", type=int, default=15)
+    args = parser.parse_args()
+
+    cores = os.cpu_count() or 1
+    torch.set_num_threads(cores)
+    print(f"{cores} cores, load average {os.getloadavg()[0]:.1f}; jax {jax.__version__} "
+          f"({jax.devices()[0].platform}, {jax.device_count()} device), torch {torch.__version__} "
+          f"({torch.get_num_threads()} threads); XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+    rows = []
+    for pair_name in args.pairs.split(","):
+        for size in (["small"] if args.profile else args.sizes.split(",")):
+            batch = args.base_batch if size == "base" else args.batch
+            pair = PAIRS[pair_name](size, batch, args.seq)
+            if args.profile:
+                print(f"{pair.name}: batch {batch}, seq {args.seq}")
+                profile(pair, args.trace, args.top)
+                continue
+            r = measure(pair, args.steps, args.block)
+            print(f"{pair.name}: batch {batch} x seq {args.seq}; first step ours "
+                  f"{r['first_ours']:.1f} s, torch {r['first_torch']:.2f} s; loss "
+                  f"{r['loss_ours']:.4f} / {r['loss_torch']:.4f}; fastest step "
+                  f"{r['ours_min']:.3f} / {r['torch_min']:.3f} s", flush=True)
+            rows.append((pair, r))
+    if rows:
+        print()
+        print_table(rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,239 @@
+"""Causal-LM examples from (prompt, answer) pairs, and their loss: the one place for label masking.
+
+An example is ``prompt_ids + answer_ids + [eos]``, right-padded to ``max_length``. ``labels[t]``
+is the token that position ``t`` must predict (``input_ids[t + 1]``) or ``IGNORE`` (-100) where
+nothing is counted, so the loss is a mean over ``labels != IGNORE``:
+
+- ``loss_mode="masked"``: only the answer tokens and the EOS are targets; the prompt is context.
+- ``loss_mode="unmasked"``: every real token after the first is a target (prompt included).
+
+Two bugs of the original SFT scripts (SEEDS.md §4) are fixed here, for every task at once:
+- *No EOS.* The full fine-tunes never appended an end token, so the model never learned to stop
+  and generation ran to the length limit. Every complete answer here ends with the tokenizer's
+  EOS, and the EOS is a target in both modes.
+- *Padding counted.* Padding positions were labelled with the pad id and averaged into the loss
+  (and, where pad = EOS, taught the model to emit endless EOS). Here a padding position is never
+  a target and the attention mask hides it, so neither the pad id nor the padded length changes
+  the loss.
+
+Truncation (``truncate``), when ``prompt + answer + eos`` exceeds ``max_length``:
+1. A prompt longer than ``max_prompt_length`` loses its middle: its first
+   ``max_prompt_length - prompt_tail`` tokens (the instruction and the start of the content,
+   including any model prefix such as ChatGLM's ``[gMASK] sop``) and its last ``prompt_tail``
+   tokens (the cue that asks for the answer, e.g. ``请鉴赏诗歌：\\n``) are kept.
+2. The answer keeps its head, as much as fits after the prompt. The EOS is kept only when the
+   whole answer fits: a cut answer did not end there, and an EOS would teach stopping mid-text.
+Inference prompts go through the same rule 1, so training and decoding see the same prompts.
+
+Prompt and answer are tokenized separately (as at inference, where only the prompt is known):
+``encode_prompt`` adds the tokenizer's start tokens (``<bos>`` of a ``CharVocab``, ChatGLM's
+``[gMASK] sop``, whatever an HF tokenizer adds), ``encode_answer`` adds none. Any tokenizer with
+``encode(text, add_special_tokens=...)``, ``eos_token_id`` and ``pad_token_id`` works: HF
+tokenizers, ``lib.tokenizer.CharVocab`` and ``lib.chatglm_tokenizer.ChatGLMTokenizer``.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from lib.data import pad_and_stack
+from lib.errors import UserError
+from lib.tokenizer import CharVocab
+
+IGNORE = -100  # label of a position that is not a target (the Hugging Face convention)
+LOSS_MODES = ("masked", "unmasked")
+
+# ----------------------------------------------------------------------------- tokens
+
+
+def eos_id(tokenizer: Any) -> int:
+    """The tokenizer's end-of-sequence id; a tokenizer without one cannot end an answer."""
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is None:
+        raise UserError(
+            "the tokenizer has no EOS token (eos_token_id is None): answers could not end; "
+            "use a model directory whose tokenizer defines eos_token"
+        )
+    return int(eos)
+
+
+def pad_id(tokenizer: Any) -> int:
+    """The pad id (the EOS id when the tokenizer has none: padding is never a target anyway)."""
+    pad = getattr(tokenizer, "pad_token_id", None)
+    return eos_id(tokenizer) if pad is None else int(pad)
+
+
+def encode_prompt(tokenizer: Any, text: str) -> list[int]:
+    """Ids of a prompt, with the start tokens the model expects before any text."""
+    if isinstance(tokenizer, CharVocab):
+        # Its add_special_tokens means BERT's [CLS] ... [SEP]; a decoder wants only a start.
+        bos = tokenizer.bos_id
+        return ([bos] if bos is not None else []) + tokenizer.encode(text, add_special_tokens=False)
+    return list(tokenizer.encode(text, add_special_tokens=True))
+
+
+def encode_answer(tokenizer: Any, text: str) -> list[int]:
+    """Ids of an answer: plain text tokens, no special tokens (the EOS is added by the example)."""
+    return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def truncate_prompt(prompt: Sequence[int], max_prompt_length: int, prompt_tail: int = 0) -> list:
+    """Cut a prompt longer than ``max_prompt_length`` in the middle (see the module docstring)."""
+    prompt = list(prompt)
+    if len(prompt) <= max_prompt_length:
+        return prompt
+    tail = min(max(prompt_tail, 0), max_prompt_length)
+    head = max_prompt_length - tail
+    return prompt[:head] + (prompt[len(prompt) - tail :] if tail else [])
+
+
+def truncate(
+    prompt: Sequence[int],
+    answer: Sequence[int],
+    eos: int,
+    *,
+    max_length: int,
+    max_prompt_length: int | None = None,
+    prompt_tail: int = 0,
+) -> tuple[list[int], list[int]]:
+    """``(prompt, target)`` fitting in ``max_length``: target is the answer + EOS, or a cut
+    answer without EOS (rules in the module docstring). ``max_prompt_length`` defaults to
+    ``max_length // 2``."""
+    if max_prompt_length is None:
+        max_prompt_length = max_length // 2
+    if not 0 < max_prompt_length < max_length:
+        raise UserError(
+            f"max_prompt_length={max_prompt_length} must be in [1, max_length={max_length}): "
+            "the answer needs room (set data.max_prompt_length / data.max_length)"
+        )
+    prompt = truncate_prompt(prompt, max_prompt_length, prompt_tail)
+    room = max_length - len(prompt)
+    target = list(answer) + [eos]
+    if len(target) > room:
+        target = list(answer)[:room]
+    return prompt, target
+
+
+def build_example(
+    prompt: Sequence[int],
+    answer: Sequence[int],
+    eos: int,
+    *,
+    max_length: int,
+    max_prompt_length: int | None = None,
+    prompt_tail: int = 0,
+    loss_mode: str = "masked",
+) -> tuple[list[int], list[int]]:
+    """Unpadded ``(input_ids, labels)`` of one example (labels already shifted)."""
+    if loss_mode not in LOSS_MODES:
+        raise UserError(f"loss_mode={loss_mode!r}: choose 'masked' or 'unmasked'")
+    prompt, target = truncate(
+        prompt, answer, eos, max_length=max_length, max_prompt_length=max_prompt_length,
+        prompt_tail=prompt_tail,
+    )
+    ids = prompt + target
+    # labels[t] = ids[t + 1]: the last token predicts nothing.
+    labels = ids[1:] + [IGNORE]
+    if loss_mode == "masked":
+        # Positions before the last prompt token predict prompt tokens: not targets.
+        first = max(len(prompt) - 1, 0)
+        labels = [IGNORE] * first + labels[first:]
+    return ids, labels
+
+
+def build_arrays(
+    tokenizer: Any,
+    pairs: Sequence[tuple[str, str]],
+    *,
+    max_length: int,
+    max_prompt_length: int | None = None,
+    prompt_tail: int = 0,
+    loss_mode: str = "masked",
+) -> dict[str, np.ndarray]:
+    """Training arrays of ``(prompt, answer)`` texts, right-padded to ``max_length``:
+    ``input_ids``, ``attention_mask`` and ``labels`` (int32 ``[n, max_length]``)."""
+    eos, pad = eos_id(tokenizer), pad_id(tokenizer)
+    ids_list, label_list = [], []
+    for prompt, answer in pairs:
+        ids, labels = build_example(
+            encode_prompt(tokenizer, prompt), encode_answer(tokenizer, answer), eos,
+            max_length=max_length, max_prompt_length=max_prompt_length,
+            prompt_tail=prompt_tail, loss_mode=loss_mode,
+        )
+        ids_list.append(ids)
+        label_list.append(labels)
+    input_ids, mask = pad_and_stack(ids_list, max_length, pad)
+    labels, _ = pad_and_stack(label_list, max_length, IGNORE)
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+
+
+def prompt_arrays(
+    tokenizer: Any,
+    prompts: Sequence[str],
+    *,
+    max_prompt_length: int,
+    prompt_tail: int = 0,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Inference prompts, truncated as in training and left-padded to ``max_prompt_length``
+    (one fixed shape, so decoding compiles once): ``(input_ids, attention_mask)``."""
+    seqs = [
+        truncate_prompt(encode_prompt(tokenizer, p), max_prompt_length, prompt_tail)
+        for p in prompts
+    ]
+    return pad_and_stack(seqs, max_prompt_length, pad_id(tokenizer), side="left")
+
+
+def decode_answer(tokenizer: Any, ids: Sequence[int]) -> str:
+    """Text of generated ids up to (not including) the first EOS, special tokens dropped."""
+    eos = eos_id(tokenizer)
+    ids = [int(i) for i in ids]
+    if eos in ids:
+        ids = ids[: ids.index(eos)]
+    return tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+
+# ----------------------------------------------------------------------------- loss
+
+
+def _token_ce(model, batch: dict, rngs) -> tuple[jax.Array, jax.Array]:
+    """Per-position cross-entropy ``[b, t]`` and the 0/1 target mask ``[b, t]``."""
+    logits, _ = model(batch["input_ids"], batch["attention_mask"], rngs=rngs)
+    labels = batch["labels"]
+    target = labels != IGNORE
+    ce = optax.softmax_cross_entropy_with_integer_labels(
+        logits.astype(jnp.float32), jnp.where(target, labels, 0)
+    )
+    return ce, target.astype(jnp.float32)
+
+
+def lm_loss(model, batch: dict, rng: jax.Array | None) -> tuple[jax.Array, dict]:
+    """Token-mean cross-entropy over the targets; ``aux["weight"]`` is the target count, so the
+    trainer's gradient accumulation weighs micro-batches by tokens (exactly one big batch)."""
+    rngs = None if rng is None else nnx.Rngs(dropout=rng)
+    logits_ce, target = _token_ce(model, batch, rngs)
+    count = jnp.sum(target)
+    loss = jnp.sum(logits_ce * target) / jnp.maximum(count, 1.0)
+    return loss, {"weight": count}
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _row_nll(graphdef, state, batch):
+    model = nnx.merge(graphdef, state)
+    ce, target = _token_ce(model, batch, None)
+    return jnp.sum(ce * target, axis=-1), jnp.sum(target, axis=-1)
+
+
+def row_nll(model: nnx.Module, batch: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Summed target negative log-likelihood and target count per row (jitted, no dropout)."""
+    graphdef, state = nnx.split(model)
+    keys = ("input_ids", "attention_mask", "labels")
+    nll, count = _row_nll(graphdef, state, {k: batch[k] for k in keys})
+    return np.asarray(nll), np.asarray(count)

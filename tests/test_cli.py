@@ -1,0 +1,222 @@
+"""End to end through ``main.py`` in separate processes: resume after SIGKILL, SIGTERM,
+TensorBoard events and plots, inference modes, and one-line errors for bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 24
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    """A small slice of the shipped review data (fast to tokenize and evaluate)."""
+    d = tmp_path_factory.mktemp("data")
+    lines = (ROOT / "data/reviews/train.tsv").read_text(encoding="utf-8").splitlines()
+    (d / "train.tsv").write_text("\n".join(lines[:96]) + "\n", encoding="utf-8")
+    (d / "dev.tsv").write_text("\n".join(lines[96:136]) + "\n", encoding="utf-8")
+    return d
+
+
+def tiny_flags(data: Path, workdir: Path, **overrides) -> list[str]:
+    flags = {
+        "data.train": data / "train.tsv",
+        "data.eval": data / "dev.tsv",
+        "model.hidden_size": 32,
+        "model.num_layers": 1,
+        "model.num_heads": 2,
+        "model.intermediate_size": 64,
+        "model.min_char_freq": 1,
+        "data.max_length": 32,
+        "train.steps": STEPS,
+        "train.batch_size": 8,
+        "train.lr": 3e-3,
+        "log.every": 2,
+        "eval.every": 12,
+        "eval.batch_size": 16,
+        "checkpoint.every": 4,
+        "checkpoint.keep": 2,
+    }
+    flags.update(overrides)
+    return [
+        sys.executable, "main.py", "--config=configs/classification.py",
+        f"--workdir={workdir}", *(f"--config.{k}={v}" for k, v in flags.items()),
+    ]
+
+
+def env() -> dict:
+    e = dict(os.environ)
+    e.pop("XLA_FLAGS", None)  # one device, as a user runs it
+    e["JAX_PLATFORMS"] = "cpu"
+    return e
+
+
+def run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True,
+                          timeout=300, **kw)
+
+
+def final_params(workdir: Path) -> dict:
+    return ocp.StandardCheckpointer().restore(workdir / "checkpoints" / str(STEPS) / "params")
+
+
+def train_history(workdir: Path) -> list[tuple]:
+    hist = json.loads((workdir / "plots/history.json").read_text())
+    keys = ("step", "loss", "learning_rate", "grad_norm", "accuracy")
+    return [tuple(p.get(k) for k in keys) for p in hist["train"]]
+
+
+@pytest.fixture(scope="module")
+def reference(data, tmp_path_factory) -> Path:
+    """An uninterrupted run."""
+    workdir = tmp_path_factory.mktemp("reference")
+    result = run(tiny_flags(data, workdir))
+    assert result.returncode == 0, result.stderr[-2000:]
+    return workdir
+
+
+def wait_for_checkpoint(proc: subprocess.Popen, workdir: Path, timeout: float = 240) -> int:
+    ckpts = workdir / "checkpoints"
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        done = [int(p.name) for p in ckpts.glob("*") if p.name.isdigit()] if ckpts.exists() else []
+        if done:
+            return max(done)
+        assert proc.poll() is None, "the run ended before writing a checkpoint"
+        time.sleep(0.05)
+    raise AssertionError("no checkpoint appeared")
+
+
+def assert_same_run(a: Path, b: Path) -> None:
+    ea = json.loads((a / f"eval/step_{STEPS}.json").read_text())
+    eb = json.loads((b / f"eval/step_{STEPS}.json").read_text())
+    assert ea == eb
+    assert train_history(a) == train_history(b)
+    diffs = jax.tree.map(lambda x, y: float(np.max(np.abs(np.asarray(x) - np.asarray(y)))),
+                         final_params(a), final_params(b))
+    assert max(jax.tree.leaves(diffs)) == 0.0
+
+
+def test_sigkill_then_resume_equals_uninterrupted(data, reference, tmp_path):
+    cmd = tiny_flags(data, tmp_path)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    saved = wait_for_checkpoint(proc, tmp_path)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert 0 < saved < STEPS
+    result = run(cmd)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "resumed from" in result.stdout
+    assert_same_run(reference, tmp_path)
+
+
+def test_sigterm_saves_and_exits_cleanly(data, reference, tmp_path):
+    cmd = tiny_flags(data, tmp_path)
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    wait_for_checkpoint(proc, tmp_path)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    if "SIGTERM: saved step" not in out:  # it may have finished before the signal landed
+        assert "final eval" in out, err[-2000:]
+    assert proc.returncode == 0, err[-2000:]
+    result = run(cmd)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert_same_run(reference, tmp_path)
+
+
+def test_tensorboard_events_and_plots(reference):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(reference / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    expected = {"train/loss", "train/learning_rate", "train/grad_norm", "train/tokens_per_sec",
+                "train/steps_per_sec", "eval/accuracy", "eval/weighted_f1"}
+    assert expected <= tags
+    assert [e.step for e in acc.Scalars("train/loss")] == list(range(2, STEPS + 1, 2))
+    assert [e.step for e in acc.Scalars("eval/accuracy")] == [12, 24]
+    hist = dict((s, loss) for s, loss, *_ in train_history(reference))
+    assert abs(acc.Scalars("train/loss")[-1].value - hist[STEPS]) < 1e-6
+    png = (reference / "plots/curves.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    assert json.loads((reference / "config.json").read_text())["train"]["steps"] == STEPS
+
+
+def test_eval_predict_export_modes(data, reference):
+    result = run(tiny_flags(data, reference) + ["--mode=eval"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    step_json = json.loads((reference / f"eval/step_{STEPS}.json").read_text())
+    line = next(ln for ln in result.stdout.splitlines() if ln.startswith("eval of step"))
+    assert json.loads(line.split(": ", 1)[1])["accuracy"] == step_json["metrics"]["accuracy"]
+
+    result = run(tiny_flags(data, reference) + ["--mode=predict"], input="质量很好\n太差了\n")
+    assert result.returncode == 0, result.stderr[-2000:]
+    preds = [json.loads(ln) for ln in result.stdout.splitlines() if ln.startswith("{")]
+    assert [p["text"] for p in preds] == ["质量很好", "太差了"]
+    assert all(p["label"] in ("负面", "正面") and 0.5 <= p["prob"] <= 1 for p in preds)
+
+    result = run(tiny_flags(data, reference) + ["--mode=export"])
+    assert result.returncode == 0, result.stderr[-2000:]
+    import torch
+    from transformers import BertForSequenceClassification, BertTokenizer
+
+    exported = reference / "export"
+    hf = BertForSequenceClassification.from_pretrained(exported).eval()
+    tok = BertTokenizer.from_pretrained(exported)
+    enc = tok(["质量很好"], return_tensors="pt")
+    with torch.no_grad():
+        probs = torch.softmax(hf(**enc).logits, -1)[0].numpy()
+    # The exported model reproduces our prediction (the char vocab is a valid BERT vocab).
+    assert abs(float(probs.max()) - preds[0]["prob"]) < 1e-4
+    assert hf.config.id2label[int(probs.argmax())] == preds[0]["label"]
+
+
+def one_line_error(result: subprocess.CompletedProcess, *needles: str) -> str:
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr, result.stderr[-2000:]
+    lines = [ln for ln in result.stderr.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1, result.stderr[-2000:]
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def test_unknown_config_key(data, tmp_path):
+    result = run(tiny_flags(data, tmp_path) + ["--config.train.lrr=0.1"])
+    one_line_error(result, "--config.train.lrr", 'Did you mean "lr"')
+
+
+def test_missing_model_directory(data, tmp_path):
+    result = run(tiny_flags(data, tmp_path, **{"model.path": tmp_path / "nope"}))
+    one_line_error(result, str(tmp_path / "nope"), "model.path")
+
+
+def test_malformed_data_line(data, tmp_path):
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("1\t好\n0\t差\n1 no tab here\n", encoding="utf-8")
+    result = run(tiny_flags(data, tmp_path / "w", **{"data.train": bad}))
+    one_line_error(result, f"{bad}:3")
+
+
+def test_label_outside_label_set(data, tmp_path):
+    bad = tmp_path / "bad.tsv"
+    bad.write_text("1\t好\n7\t差\n", encoding="utf-8")
+    result = run(tiny_flags(data, tmp_path / "w", **{"data.train": bad}))
+    one_line_error(result, f"{bad}:2", "label 7")
+
+
+def test_incompatible_checkpoint(data, reference, tmp_path):
+    result = run(tiny_flags(data, reference, **{"model.hidden_size": 64}))
+    one_line_error(result, "incompatible", "shape")
