@@ -18,7 +18,6 @@ from orbax.checkpoint import checkpoint_managers as policies
 
 from lib.errors import UserError
 
-
 # The named pytrees of a checkpoint: trainable params, and the rest of the train state.
 ITEMS = ("params", "train")
 
