@@ -20,6 +20,10 @@ from lib.errors import UserError
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: workdirs/<task>).")
 _MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "predict", "export"], "What to do.")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", False,
+    "Multi-host: call jax.distributed.initialize() first (coordinator from the environment).",
+)
 
 
 def enable_compilation_cache() -> None:
@@ -82,6 +86,10 @@ def main(argv: list[str]) -> None:
     workdir = Path(_WORKDIR.value or f"workdirs/{config.task}")
     config.workdir = str(workdir)
     enable_compilation_cache()
+    if _DISTRIBUTED.value:
+        import jax
+
+        jax.distributed.initialize()
     try:
         run(config, workdir, _MODE.value)
     except UserError as e:

@@ -24,6 +24,7 @@ import os
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from typing import IO, Any
 
@@ -380,9 +381,11 @@ class Monitor:
         # Chinese metric names (per-class F1) need a CJK font; use one where installed.
         with_cjk = {"font.sans-serif": [*CJK_FONTS, *matplotlib.rcParams["font.sans-serif"]]}
         canvas = FigureCanvasAgg(fig)
-        with matplotlib.rc_context(with_cjk):
+        with matplotlib.rc_context(with_cjk), warnings.catch_warnings():
+            # Without a CJK font the names render as boxes; BUILD.md says which to install.
+            warnings.filterwarnings("ignore", message="Glyph .* missing from font")
             self._draw_panels(fig, panels, nrows, ncols)
-        _atomic_write(self.plot_path, lambda f: canvas.print_png(f))
+            _atomic_write(self.plot_path, lambda f: canvas.print_png(f))
 
     def _draw_panels(self, fig, panels, nrows: int, ncols: int) -> None:
         axes = fig.subplots(nrows, ncols, squeeze=False).ravel()

@@ -142,8 +142,10 @@ class Task:
         )
 
     def loss(self, model, batch, rng):
-        """Mean (focal, class-weighted) cross-entropy and the batch accuracy."""
-        logits = self.logits(model, batch, nnx.Rngs(dropout=rng)).astype(jnp.float32)
+        """Mean (focal, class-weighted) cross-entropy and the batch accuracy; ``rng=None``
+        turns dropout off."""
+        rngs = None if rng is None else nnx.Rngs(dropout=rng)
+        logits = self.logits(model, batch, rngs).astype(jnp.float32)
         labels = batch["labels"]
         ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
         if self.focal_gamma > 0:

@@ -1,0 +1,120 @@
+"""Text classification task: loss options, and the trainer stopping on a NaN loss."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import classification as cls_config
+from lib import train
+from lib.data import ArrayDataset
+from lib.errors import UserError
+from tasks.classification import Task
+
+LABELS = ["负面", "正面"]
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    rows = ["1\t质量很好，非常满意", "0\t太差了，再也不买", "1\t物流快，包装好", "0\t做工粗糙"] * 6
+    (tmp_path / "train.tsv").write_text("\n".join(rows) + "\n", encoding="utf-8")
+    (tmp_path / "dev.tsv").write_text("\n".join(rows[:8]) + "\n", encoding="utf-8")
+    (tmp_path / "labels.txt").write_text("\n".join(LABELS) + "\n", encoding="utf-8")
+    return tmp_path
+
+
+def tiny_config(data_dir, workdir, **train_kw):
+    c = cls_config.get_config("demo")
+    c.workdir = str(workdir)
+    c.data.train = str(data_dir / "train.tsv")
+    c.data.eval = str(data_dir / "dev.tsv")
+    c.data.labels = str(data_dir / "labels.txt")
+    c.data.max_length = 16
+    c.model.hidden_size, c.model.num_layers, c.model.num_heads = 16, 1, 2
+    c.model.intermediate_size, c.model.min_char_freq = 32, 1
+    c.train.update({"steps": 12, "batch_size": 8, **train_kw})
+    c.log.every, c.eval.every, c.checkpoint.every, c.eval.batch_size = 2, 100, 4, 8
+    return c
+
+
+def test_focal_and_class_weighted_loss(data_dir, tmp_path):
+    config = tiny_config(data_dir, tmp_path)
+    config.model.dropout = 0.0
+    task = Task()
+    model, tok = task.build(config)
+    train_data, _ = task.datasets(config, tok)
+    batch = {k: jnp.asarray(v) for k, v in train_data.batch(0, 4, 0, shuffle=False).items()}
+    logits = np.asarray(task.logits(model, batch), np.float64)
+    logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    labels = np.asarray(batch["labels"])
+    nll = -logp[np.arange(4), labels]
+    plain, aux = task.loss(model, batch, None)
+    assert abs(float(plain) - nll.mean()) < 1e-6
+    assert float(aux["accuracy"]) == float(np.mean(logits.argmax(-1) == labels))
+
+    task.focal_gamma = 2.0
+    focal, _ = task.loss(model, batch, None)
+    expected = ((1 - np.exp(-nll)) ** 2 * nll).mean()
+    assert abs(float(focal) - expected) < 1e-6
+
+    task.focal_gamma = 0.0
+    task.class_weights = jnp.asarray([3.0, 0.5])
+    weighted, _ = task.loss(model, batch, None)
+    w = np.asarray([3.0, 0.5])[labels]
+    assert abs(float(weighted) - (w * nll).sum() / w.sum()) < 1e-6
+
+
+class PoisonedTask(Task):
+    """The loss turns NaN from step 7 on (a batch flag, so the step stays jit-pure)."""
+
+    def datasets(self, config, tokenizer):
+        train_data, eval_data = super().datasets(config, tokenizer)
+
+        class Poisoned(ArrayDataset):
+            def batch(self, step, batch_size, seed, shuffle=True):
+                out = train_data.batch(step, batch_size, seed, shuffle)
+                out["poison"] = np.full(batch_size, step >= 6)
+                return out
+
+        return Poisoned(train_data.arrays), eval_data
+
+    def loss(self, model, batch, rng):
+        loss, aux = super().loss(model, {k: v for k, v in batch.items() if k != "poison"}, rng)
+        return jnp.where(batch["poison"].any(), jnp.nan, loss), aux
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path):
+    config = tiny_config(data_dir, tmp_path)
+    with pytest.raises(UserError) as err:
+        train.train(config, tmp_path, PoisonedTask())
+    assert "loss is nan at step 7" in str(err.value)
+    assert "last good checkpoint (step 4) is kept" in str(err.value)
+    assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()
+                  if p.name.isdigit()) == [4]
+
+
+def test_unknown_focal_weights_length_is_an_error(data_dir, tmp_path):
+    config = tiny_config(data_dir, tmp_path)
+    config.loss.class_weights = (1.0, 2.0, 3.0)
+    with pytest.raises(UserError, match="class_weights has 3 values for 2 labels"):
+        Task().build(config)
+
+
+def test_init_from_takes_params_only(data_dir, tmp_path):
+    first = tmp_path / "first"
+    config = tiny_config(data_dir, first)
+    train.train(config, first, Task())
+    second = tmp_path / "second"
+    config2 = tiny_config(data_dir, second, steps=4)
+    config2.init_from = str(first)
+    config2.train.lr = 0.0  # params must stay exactly the first run's
+    config2.train.warmup_ratio = 0.0
+    train.train(config2, second, Task())
+    a, _, step_a = train.restore_model(config, first, Task(), which="latest")
+    b, _, step_b = train.restore_model(config2, second, Task(), which="latest")
+    assert (step_a, step_b) == (12, 4)
+    leaves_a = jax.tree.leaves(nnx.to_pure_dict(nnx.state(a, nnx.Param)))
+    leaves_b = jax.tree.leaves(nnx.to_pure_dict(nnx.state(b, nnx.Param)))
+    assert len(leaves_a) == len(leaves_b) > 10
+    assert all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(leaves_a, leaves_b))
