@@ -86,7 +86,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.train = ml_collections.ConfigDict()
     # Optimizer steps (ignored when epochs > 0).
-    c.train.steps = 900
+    c.train.steps = 1200
     # Whole passes over the training data; 0: use `steps`.
     c.train.epochs = 0
     # Examples per micro-batch (global, across devices).
@@ -118,13 +118,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.checkpoint = ml_collections.ConfigDict()
     # Save every this many steps (evaluations also save).
-    c.checkpoint.every = 300
+    c.checkpoint.every = 400
     # Latest checkpoints kept (the best by eval.best_metric is kept as well).
     c.checkpoint.keep = 2
 
     c.eval = ml_collections.ConfigDict()
     # Evaluate every this many steps (and at the end).
-    c.eval.every = 300
+    c.eval.every = 400
     # Metric that picks the best checkpoint.
     c.eval.best_metric = "weighted_f1"
     # Whether a larger (max) or smaller (min) best_metric is better.

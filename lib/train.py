@@ -368,12 +368,14 @@ def train(config, workdir: str | os.PathLike, task) -> dict[str, float]:
                     f"loss is {float(m['loss'])} at step {s}: training stopped; {kept}. "
                     "Lower --config.train.lr or enable --config.train.grad_clip"
                 )
-        s, m, _ = pending[-1][0], host[-1], None
+        # Metrics are means over the steps since the last log line; the learning rate is the
+        # current one.
+        values = {k: float(np.mean([float(m[k]) for m in host])) for k in host[-1]}
+        values["learning_rate"] = float(host[-1]["learning_rate"])
         tokens = sum(t for _, _, t in pending)
-        values = {k: float(v) for k, v in m.items()}
         values["steps_per_sec"] = steps_since / elapsed
         values["tokens_per_sec"] = tokens / elapsed
-        monitor.log_train(s, values)
+        monitor.log_train(pending[-1][0], values)
         pending.clear()
         t_last, steps_since = time.perf_counter(), 0
 

@@ -22,7 +22,7 @@ SEED = 20240501
 REPO = Path(__file__).resolve().parent.parent
 
 # Reviews: sizes per class and split (the two classes are balanced), and the length cap.
-REVIEW_SPLITS = {"train": 4000, "dev": 500, "test": 500}
+REVIEW_SPLITS = {"train": 7000, "dev": 500, "test": 500}
 REVIEW_MAX_CHARS = 256
 REVIEW_MIN_CHARS = 4
 REVIEW_LABELS = ("负面", "正面")  # id 0 = negative (neg.txt), id 1 = positive (pos.txt)

@@ -214,7 +214,7 @@ def test_array_dataset_rejects_bad_input():
 
 
 def _readme_counts() -> dict[str, int]:
-    """`| reviews/train.tsv | 8000 | ...` rows of data/README.md's count table."""
+    """`| reviews/train.tsv | 14000 | ...` rows of data/README.md's count table."""
     text = (DATA / "README.md").read_text(encoding="utf-8")
     return {m[1]: int(m[2]) for m in re.finditer(r"^\| `([\w/]+\.\w+)` \| (\d+) \|", text, re.M)}
 
@@ -233,7 +233,7 @@ def test_shipped_reviews_are_disjoint_balanced_and_counted():
             assert 4 <= len(r["text"]) <= 256 and r["text"] == r["text"].strip()
             assert r["text"] not in seen, f"{r['text']!r} in {seen.get(r['text'])} and {split}"
             seen[r["text"]] = split
-    assert counts["reviews/train.tsv"] == 8000
+    assert counts["reviews/train.tsv"] == 14000
 
 
 def test_shipped_poetry_files_load_and_split_cleanly():
@@ -276,7 +276,8 @@ def test_build_script_reproduces_the_shipped_files(tmp_path):
     spec.loader.exec_module(module)
     module.main(["--src", str(src), "--out", str(tmp_path)])
     built = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*") if p.is_file())
-    shipped = sorted(p.relative_to(DATA) for p in DATA.rglob("*") if p.is_file())
-    assert built == [p for p in shipped if p.name != "README.md"]
+    shipped = sorted(p.relative_to(DATA) for d in ("reviews", "poetry")
+                     for p in (DATA / d).rglob("*") if p.is_file())
+    assert built == shipped
     for rel in built:
         assert (tmp_path / rel).read_bytes() == (DATA / rel).read_bytes(), rel
