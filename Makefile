@@ -22,7 +22,7 @@ setup: $(VENV)/.runtime
 setup-test: $(VENV)/.runtime $(VENV)/.test
 
 demo: setup
-	$(BIN)/python main.py --config=configs/classification.py --workdir=workdirs/demo
+	$(BIN)/python main.py --config=configs/loopcot.py --workdir=workdirs/loopcot
 
 lint: setup-test
 	$(BIN)/ruff check .

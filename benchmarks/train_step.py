@@ -58,6 +58,8 @@ SIZES = {
     "base": dict(num_hidden_layers=12, hidden_size=768, num_attention_heads=12,
                  intermediate_size=3072),
 }
+# Base is run at batch 8 to keep a run within a few minutes; --batch sets both.
+DEFAULT_BATCH = {"small": 16, "base": 8}
 VOCAB = 21128
 NUM_LABELS = 2
 # The training hyper-parameters of both sides (a typical BERT fine-tuning run).
@@ -185,7 +187,8 @@ PAIRS: dict[str, Callable[[str, int, int], Pair]] = {"bert-cls": bert_classifica
 def measure(pair: Pair, steps: int, block: int) -> dict[str, float]:
     """Warm up both sides, then alternate blocks of ``block`` steps until each ran ``steps``.
 
-    Returns first-step times (compile / warm-up), median step times, losses and load.
+    Returns the first-step times (compile / warm-up), the median and fastest step times, the
+    first losses and the mean load average while timing.
     """
     t0 = time.perf_counter()
     loss_ours = pair.ours()
@@ -194,40 +197,34 @@ def measure(pair: Pair, steps: int, block: int) -> dict[str, float]:
     loss_torch = pair.torch()
     first_torch = time.perf_counter() - t0
     pair.ours(), pair.torch()  # a second warm-up step each (allocator, caches)
-    times_ours: list[float] = []
-    times_torch: list[float] = []
+    times: dict[str, list[float]] = {"ours": [], "torch": []}
     loads = [os.getloadavg()[0]]
-    while len(times_ours) < steps:
-        for fn, times in ((pair.ours, times_ours), (pair.torch, times_torch)):
-            for _ in range(min(block, steps - len(times))):
+    while len(times["ours"]) < steps:
+        for side, fn in (("ours", pair.ours), ("torch", pair.torch)):
+            for _ in range(min(block, steps - len(times[side]))):
                 t0 = time.perf_counter()
                 fn()
-                times.append(time.perf_counter() - t0)
+                times[side].append(time.perf_counter() - t0)
         loads.append(os.getloadavg()[0])
-    return {
-        "first_ours": first_ours,
-        "first_torch": first_torch,
-        "ours": statistics.median(times_ours),
-        "torch": statistics.median(times_torch),
-        "ours_min": min(times_ours),
-        "torch_min": min(times_torch),
-        "loss_ours": loss_ours,
-        "loss_torch": loss_torch,
-        "load": statistics.mean(loads),
-    }
+    out = {"first_ours": first_ours, "first_torch": first_torch, "loss_ours": loss_ours,
+           "loss_torch": loss_torch, "load": statistics.mean(loads)}
+    for side, t in times.items():
+        out[side] = statistics.median(t)
+        out[side + "_min"] = min(t)
+    return out
 
 
-def print_table(rows: list[tuple[Pair, dict[str, float]]]) -> None:
-    """tokens/s of both sides and the ratio, one line per pair."""
-    head = (f"{'step':<16} {'tokens':>6} {'ours tok/s':>11} {'torch tok/s':>11} {'ratio':>6} "
-            f"{'ours s':>7} {'torch s':>7} {'compile s':>9} {'load':>5}")
+def print_table(rows: list[tuple[Pair, int, dict[str, float]]]) -> None:
+    """tokens/s (median step) of both sides and the ratios ours / PyTorch, one line per run."""
+    head = (f"{'step':<15} {'batch':>5} {'ours tok/s':>10} {'torch tok/s':>11} {'ratio':>6} "
+            f"{'ratio fastest':>13} {'ours s':>7} {'torch s':>7} {'compile s':>9} {'load':>5}")
     print(head)
     print("-" * len(head))
-    for pair, r in rows:
-        print(f"{pair.name:<16} {pair.tokens:>6} {pair.tokens / r['ours']:>11.0f} "
+    for pair, batch, r in rows:
+        print(f"{pair.name:<15} {batch:>5} {pair.tokens / r['ours']:>10.0f} "
               f"{pair.tokens / r['torch']:>11.0f} {r['torch'] / r['ours']:>6.2f} "
-              f"{r['ours']:>7.3f} {r['torch']:>7.3f} {r['first_ours'] - r['ours']:>9.1f} "
-              f"{r['load']:>5.1f}")
+              f"{r['torch_min'] / r['ours_min']:>13.2f} {r['ours']:>7.3f} {r['torch']:>7.3f} "
+              f"{r['first_ours'] - r['ours']:>9.1f} {r['load']:>5.1f}")
 
 
 def profile(pair: Pair, trace_dir: str | None, top: int) -> None:
@@ -309,17 +306,22 @@ def main() -> None:
     parser.add_argument("--sizes", default="small,base", help=f"of {sorted(SIZES)}")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per side")
     parser.add_argument("--block", type=int, default=1, help="steps per alternation")
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--base-batch", type=int, default=8,
-                        help="batch of the base size (keeps a run within a few minutes)")
+    parser.add_argument("--batch", type=int, default=None,
+                        help=f"batch of every size (default {DEFAULT_BATCH})")
     parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--cores", type=int, default=None,
+                        help="pin the process to this many cores (default: all)")
     parser.add_argument("--profile", action="store_true",
                         help="profile our step at the small size instead of comparing")
     parser.add_argument("--trace", default=None, help="with --profile: jax.profiler trace dir")
-    parser.add_argument("--top", type=int, default=15)
+    parser.add_argument("--top", type=int, default=15, help="with --profile: rows per table")
     args = parser.parse_args()
 
-    cores = os.cpu_count() or 1
+    allowed = sorted(os.sched_getaffinity(0))
+    if args.cores:
+        # Before jax starts its backend: XLA sizes its thread pool by the usable cores.
+        os.sched_setaffinity(0, allowed[: args.cores])
+    cores = len(os.sched_getaffinity(0))
     torch.set_num_threads(cores)
     print(f"{cores} cores, load average {os.getloadavg()[0]:.1f}; jax {jax.__version__} "
           f"({jax.devices()[0].platform}, {jax.device_count()} device), torch {torch.__version__} "
@@ -327,7 +329,7 @@ def main() -> None:
     rows = []
     for pair_name in args.pairs.split(","):
         for size in (["small"] if args.profile else args.sizes.split(",")):
-            batch = args.base_batch if size == "base" else args.batch
+            batch = args.batch or DEFAULT_BATCH[size]
             pair = PAIRS[pair_name](size, batch, args.seq)
             if args.profile:
                 print(f"{pair.name}: batch {batch}, seq {args.seq}")
@@ -335,10 +337,11 @@ def main() -> None:
                 continue
             r = measure(pair, args.steps, args.block)
             print(f"{pair.name}: batch {batch} x seq {args.seq}; first step ours "
-                  f"{r['first_ours']:.1f} s, torch {r['first_torch']:.2f} s; loss "
+                  f"{r['first_ours']:.1f} s, torch {r['first_torch']:.2f} s; first loss "
                   f"{r['loss_ours']:.4f} / {r['loss_torch']:.4f}; fastest step "
                   f"{r['ours_min']:.3f} / {r['torch_min']:.3f} s", flush=True)
-            rows.append((pair, r))
+            rows.append((pair, batch, r))
+            del pair
     if rows:
         print()
         print_table(rows)

@@ -15,12 +15,25 @@ Run the demo:
 
   python main.py --config=configs/loopcot.py --workdir=workdirs/loopcot
 
-It prints ``== run 1/3: single_generation: ...``, the trainer's lines
-(``global step 60, epoch: 1, loss: 3.71..., speed: ... step/s``), an evaluation of every
-checkpoint (``eval generation: 20 prompts in 1.2s, rouge-1 ...``), the repeats of each best
-checkpoint (``mix appreciation: repeat 3/10, ...``), then a table of mean ± std of ROUGE-1/2/L and
-BLEU-4 per run and test part, the untrained vs trained ROUGE-1, and where the plots
-(``plots/generation_result.png``, ``plots/appreciation_result.png``) and ``summary.json`` are.
+It prints ``== run 1/3: single_generation: 1132 examples, 213 steps, ...``, the trainer's lines
+(``global step 60, epoch: 1, loss: 6.2..., speed: ... step/s``), an evaluation of every
+checkpoint (``eval generation: 20 prompts in 0.8s, rouge-1 ...``), the repeats of each best
+checkpoint (``mix appreciation: repeat 3/20, ...``), then the table of mean ± std over 20
+sampled decodings (``untrained`` = the model before training, 5 decodings):
+
+  run                     part           ROUGE-1       ROUGE-2       ROUGE-L        BLEU-4
+  untrained               generation     0.13 ± 0.06   0.00 ± 0.00   0.11 ± 0.06   0.17 ± 0.04
+  untrained               appreciation   0.25 ± 0.21   0.00 ± 0.00   0.20 ± 0.17   0.26 ± 0.04
+  single_generation       generation    16.88 ± 0.59   0.07 ± 0.18  22.64 ± 0.52   0.98 ± 0.11
+  single_appreciation     appreciation  18.60 ± 0.63   0.69 ± 0.27  20.94 ± 0.31   1.10 ± 0.08
+  mix                     generation    16.54 ± 0.85   0.05 ± 0.11  22.31 ± 1.20   0.97 ± 0.16
+  mix                     appreciation  14.88 ± 0.55   0.36 ± 0.19  19.17 ± 0.52   1.03 ± 0.10
+
+and where the plots (``plots/generation_result.png``, ``plots/appreciation_result.png``) and
+``summary.json`` are. 12 minutes on 2 CPU cores shared with other jobs (load ~6.6); less on
+a quiet machine. A scratch character model learns the verse shape (5/7-character lines and
+their punctuation) and common characters, which is what these ROUGE-1 scores reward; it
+does not learn to write or appreciate poems.
 """
 
 import ml_collections
@@ -163,10 +176,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.eval.best_mode = "max"
     # Metric picking each test part's best checkpoint for the repeated evaluation.
     c.eval.select_metric = "rouge-1"
-    # Evaluations of each best checkpoint, with different sampling keys (the original: 20).
-    c.eval.repeats = 10
+    # Evaluations of each best checkpoint, with different sampling keys (as the original).
+    c.eval.repeats = 20
     # Evaluations of the untrained model; 0 skips it.
-    c.eval.untrained_repeats = 10
+    c.eval.untrained_repeats = 5
     # Prompts decoded per batch (a fixed shape: one compilation).
     c.eval.batch_size = 20
     # Sample (True) or decode greedily (False).

@@ -7,6 +7,7 @@ seen as a checkpoint.
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,16 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
 from lib.errors import UserError
+
+
+class _QuietMissingMetrics(logging.Filter):
+    """Saves between evaluations carry no metrics by design; Orbax warns about each one."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "did not provide metrics" not in record.getMessage()
+
+
+logging.getLogger("absl").addFilter(_QuietMissingMetrics())
 
 # The named pytrees of a checkpoint: trainable params, and the rest of the train state.
 ITEMS = ("params", "train")
@@ -50,6 +61,9 @@ class Checkpoints:
                 )
             )
         options = ocp.CheckpointManagerOptions(
+            # best_fn makes Orbax store each save's metrics and rank steps by them.
+            best_fn=(lambda m: m[best_metric]) if best_metric else None,
+            best_mode=best_mode,
             preservation_policy=policies.AnyPreservationPolicy(preserve),
             enable_async_checkpointing=False,
             create=True,

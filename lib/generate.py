@@ -1,11 +1,13 @@
 """The one decoding loop: jitted greedy / sampled generation with a fixed-shape KV cache.
 
 Any decoder port that implements the decoder interface (``model(input_ids, attention_mask,
-positions, cache) -> (logits, cache)``, ``model.init_cache(batch, slots)``, ``model.config``)
-decodes here. One compiled function does everything: prefill the left-padded prompt into a
-cache of ``t + max_new_tokens`` slots, then a ``jax.lax.while_loop`` that feeds one token per
-step and stops as soon as every row has produced an EOS. Shapes never change inside the
-loop, so each (model, prompt shape, settings) compiles exactly once.
+positions, cache, *, prefix) -> (logits, cache)``, ``model.init_cache(batch, slots)``,
+``model.config``) decodes here, and so does a ``PrefixLM`` (p-tuning v2), whose learned prefix
+goes to the prefill and to every decode step. One compiled function does everything: prefill
+the left-padded prompt into a cache of ``t + max_new_tokens`` slots, then a
+``jax.lax.while_loop`` that feeds one token per step and stops as soon as every row has
+produced an EOS. Shapes never change inside the loop, so each (model, prompt shape, settings)
+compiles exactly once.
 
 Sampling follows Hugging Face's order: temperature, then top-k, then top-p (nucleus). The
 random stream is an explicit ``jax.random`` key, folded with the step number, so the same key
@@ -24,6 +26,7 @@ import numpy as np
 from flax import nnx
 
 from lib.errors import UserError
+from lib.models.prefix import Prefix, PrefixLM
 
 
 class _Settings(NamedTuple):
@@ -81,21 +84,30 @@ def _choose(logits: jax.Array, key: jax.Array, s: _Settings) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "settings"))
 def _generate(
-    graphdef, state, input_ids, attention_mask, rng, eos, pad, *, max_new_tokens, settings
+    graphdef, state, input_ids, attention_mask, rng, eos, pad, prefix, *, max_new_tokens, settings
 ):
     """Pure, jitted generation: ``[b, max_new_tokens]`` int32 tokens (pad after EOS).
 
-    ``eos [n]`` holds the stop ids (-1 for none), ``pad`` the id written after a row's EOS.
+    ``eos [n]`` holds the stop ids (-1 for none), ``pad`` the id written after a row's EOS,
+    ``prefix`` a ``Prefix`` for every forward (or None).
     """
     model = nnx.merge(graphdef, state)
     b, t = input_ids.shape
+    if isinstance(model, PrefixLM):
+        # The learned prefix does not depend on the tokens: build it once, not at every step.
+        prefix = model.prefix_encoder(1)
+        model = model.base
+    # Decoders without p-tuning support need not know the keyword.
+    extra = {} if prefix is None else {"prefix": prefix}
     mask = attention_mask.astype(bool)
     cache = model.init_cache(b, t + max_new_tokens)
     if t > 1:
         # Prefill all prompt tokens but the last. Its logits are unused, so XLA drops the LM
         # head here: with a large vocabulary that is most of the memory of a long prefill.
         positions = jnp.maximum(jnp.cumsum(mask[:, :-1], axis=-1, dtype=jnp.int32) - 1, 0)
-        _, cache = model(input_ids[:, :-1], mask[:, :-1], positions=positions, cache=cache)
+        _, cache = model(
+            input_ids[:, :-1], mask[:, :-1], positions=positions, cache=cache, **extra
+        )
     # Left padding puts every row's last prompt token in the last column; the loop feeds it
     # first, at the position after the row's other real tokens.
     last_pos = jnp.sum(mask, axis=-1, dtype=jnp.int32) - 1
@@ -107,7 +119,9 @@ def _generate(
 
     def body(carry):
         i, out, token, done, pos, cache = carry
-        logits, cache = model(token[:, None], step_mask, positions=pos[:, None], cache=cache)
+        logits, cache = model(
+            token[:, None], step_mask, positions=pos[:, None], cache=cache, **extra
+        )
         token = _choose(logits[:, 0], jax.random.fold_in(rng, i), settings)
         token = jnp.where(done, pad, token)
         out = jax.lax.dynamic_update_slice(out, token[:, None], (0, i))
@@ -132,15 +146,17 @@ def generate(
     do_sample: bool = False,
     eos_token_id: int | Sequence[int] | None = None,
     pad_token_id: int | None = None,
+    prefix: Prefix | None = None,
 ) -> np.ndarray:
     """Continue left-padded prompts ``input_ids [b, t]``; return ``[b, max_new_tokens]`` tokens.
 
     Greedy unless ``do_sample`` (then ``rng``, a ``jax.random`` key, is required).
     ``eos_token_id`` / ``pad_token_id`` default to ``model.config``'s; pass ``eos_token_id=[]``
     to never stop early. A row's EOS is kept and every later token of that row is the pad id;
-    decoding stops once every row has ended. Compiled once per (model structure, prompt
-    shape, ``max_new_tokens``, settings): keep prompt shapes fixed (``left_pad(length=)``) to
-    avoid recompiling.
+    decoding stops once every row has ended. ``prefix`` (p-tuning v2 keys/values, batch ``b``
+    or 1) is passed to every forward of a plain decoder; a ``PrefixLM`` supplies its own.
+    Compiled once per (model structure, prompt shape, ``max_new_tokens``, settings): keep
+    prompt shapes fixed (``left_pad(length=)``) to avoid recompiling.
     """
     cfg = model.config
     if eos_token_id is None:
@@ -182,6 +198,8 @@ def generate(
     # -1 (never a token) pads the EOS ids to a multiple of 4: fewer shapes to compile.
     eos_ids = np.full((max(4, -(-len(eos) // 4) * 4),), -1, np.int32)
     eos_ids[: len(eos)] = eos
+    if prefix is not None and isinstance(model, PrefixLM):
+        raise ValueError("a PrefixLM builds its own prefix; do not pass prefix= to generate")
     graphdef, state = nnx.split(model)
     out = _generate(
         graphdef,
@@ -191,6 +209,7 @@ def generate(
         rng,
         eos_ids,
         np.int32(pad_token_id),
+        prefix,
         max_new_tokens=max_new_tokens,
         settings=settings,
     )

@@ -49,7 +49,9 @@ from lib.data import ArrayDataset, read_json
 from lib.errors import UserError
 from tasks import sft
 
-GENERATION_TEMPLATE = "请根据以下提供的信息进行诗歌生成：\n\n生成主题：{theme}\n格式：{form}\n请生成诗歌：\n"
+GENERATION_TEMPLATE = (
+    "请根据以下提供的信息进行诗歌生成：\n\n生成主题：{theme}\n格式：{form}\n请生成诗歌：\n"
+)
 APPRECIATION_TEMPLATE = "请根据以下诗歌进行鉴赏：\n\n诗歌：{poem}\n请鉴赏诗歌：\n"
 
 # Test parts in a fixed order: a part's index seeds its sampling, whichever run evaluates it.
@@ -258,6 +260,28 @@ def _eval_history(run_dir: Path) -> dict[int, dict[str, float]]:
     return out
 
 
+def _committed(model: nnx.Module) -> nnx.Module:
+    """``model`` with its arrays committed to the first device, as restored checkpoints are:
+    jit caches by placement, so the untrained and the restored models then share one
+    compiled decoding function instead of compiling it twice."""
+    graphdef, state = nnx.split(model)
+    return nnx.merge(graphdef, jax.device_put(state, jax.devices()[0]))
+
+
+def _latest_step(run_dir: Path) -> int | None:
+    """The newest checkpoint step of a run directory, or None."""
+    ckpt = Checkpoints(run_dir / "checkpoints")
+    step = ckpt.latest_step()
+    ckpt.close()
+    return step
+
+
+def _mean_done(run_dir: Path, part: str, repeats: int, step: int) -> bool:
+    """Whether ``mean_of_N_<part>.json`` exists for checkpoint ``step``."""
+    path = run_dir / f"mean_of_{repeats}_{part}.json"
+    return path.is_file() and json.loads(path.read_text(encoding="utf-8")).get("step") == step
+
+
 def plot_results(workdir: Path, histories: dict[str, dict[int, dict]], untrained: dict) -> list:
     """``plots/<direction>_result.png``: each metric vs step, one line per run (and part)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -432,13 +456,16 @@ class Task(sft.Task):
                 parts.append("generation")
         if config.data.chat_template_at_inference:
             prompts = [chat_wrap(p) for p in prompts]
-        outputs = []
-        for i, (prompt, part) in enumerate(zip(prompts, parts)):
-            key = jax.random.fold_in(jax.random.key(int(config.eval.seed)), i)
-            outputs += sft.generate_answers(
-                model, tokenizer, [prompt], rng=key, max_new_tokens=self.max_new_tokens(part),
-                **self.decode_settings(),
+        outputs = [""] * len(prompts)
+        for part in sorted(set(parts)):
+            rows = [i for i, p in enumerate(parts) if p == part]
+            key = jax.random.fold_in(jax.random.key(int(config.eval.seed)), PARTS.index(part))
+            texts = sft.generate_answers(
+                model, tokenizer, [prompts[i] for i in rows], rng=key,
+                max_new_tokens=self.max_new_tokens(part), **self.decode_settings(),
             )
+            for i, text in zip(rows, texts):
+                outputs[i] = text
         return [
             {"input": t, "part": p, "output": o} for t, p, o in zip(inputs, parts, outputs)
         ]
@@ -474,7 +501,7 @@ class Task(sft.Task):
         ckpt = Checkpoints(run_dir / "checkpoints")
         restored = ckpt.restore(step, {"params": nnx.to_pure_dict(params)})["params"]
         ckpt.close()
-        return nnx.merge(graphdef, restored, frozen)
+        return _committed(nnx.merge(graphdef, restored, frozen))
 
     def run(self, config, workdir) -> dict[str, float]:
         """Untrained eval, every run's training, mean-of-N of each best checkpoint, plots,
@@ -484,72 +511,75 @@ class Task(sft.Task):
         runs = list(config.experiment.runs)
         if not runs:
             raise UserError("config.experiment.runs is empty: name at least one run")
-        for run in runs:
-            parse_run(run)
-        all_parts = tuple(p for p in PARTS if any(p in parse_run(r)[1] for r in runs))
-        repeats = int(config.eval.repeats)
-        untrained_repeats = int(config.eval.get("untrained_repeats", repeats))
-        select = config.eval.get("select_metric", "rouge-1")
-        print(f"LoopCoT: runs {', '.join(runs)}; test parts {', '.join(all_parts)}; "
-              f"mean of {repeats} per best checkpoint", flush=True)
+        parts = tuple(p for p in PARTS if any(p in parse_run(r)[1] for r in runs))
+        print(f"LoopCoT: runs {', '.join(runs)}; test parts {', '.join(parts)}; "
+              f"mean of {config.eval.repeats} per best checkpoint", flush=True)
+        untrained = self._evaluate_untrained(config, workdir, runs, parts)
+        for i, run in enumerate(runs, 1):
+            if not self._train_run(config, workdir, run, f"{i}/{len(runs)}"):
+                return {}
+        results, histories = self._mean_of_n(config, workdir, runs)
+        return self._report(workdir, runs, parts, untrained, results, histories, t_start)
 
-        # --- the untrained model (step 0 of every run: same init, same vocabulary)
-        cfg0 = config.copy_and_resolve_references()
-        cfg0.experiment.run = runs[0]
-        cfg0.workdir = str(workdir / runs[0])
-        untrained: dict[str, dict] = {}
-        todo = [p for p in all_parts
-                if not (workdir / UNTRAINED / f"mean_of_{untrained_repeats}_{p}.json").is_file()]
-        if untrained_repeats > 0 and todo:
-            print(f"== untrained model: {', '.join(todo)} x {untrained_repeats}", flush=True)
-            model, tokenizer = self.build(cfg0)
-            self.save_assets(cfg0, tokenizer, workdir / runs[0])
-            self.config = cfg0
-            eval_data = self.eval_set(cfg0, tokenizer, all_parts)
+    def _evaluate_untrained(self, config, workdir: Path, runs: list, parts: tuple) -> dict:
+        """Mean-of-N of the untrained model per part (every run's step 0: same initialization,
+        same vocabulary), written under ``workdir/untrained/``; ``{part: mean-of-N JSON}``."""
+        repeats = int(config.eval.get("untrained_repeats", config.eval.repeats))
+        out_dir = workdir / UNTRAINED
+        todo = [p for p in parts if not (out_dir / f"mean_of_{repeats}_{p}.json").is_file()]
+        if repeats > 0 and todo:
+            print(f"== untrained model: {', '.join(todo)} x {repeats}", flush=True)
+            cfg = self.run_config(config, workdir, runs[0])
+            model, tokenizer = self.build(cfg)
+            model = _committed(model)
+            self.save_assets(cfg, tokenizer, workdir / runs[0])
+            eval_data = self.eval_set(cfg, tokenizer, parts)
             first = {}
             for part in todo:
-                values = self.repeat_scores(model, eval_data, part, untrained_repeats,
-                                            UNTRAINED)
+                values = self.repeat_scores(model, eval_data, part, repeats, UNTRAINED)
                 first.update({f"{part}/{m}": v for m, v in values[0].items()})
-                self._write_mean(workdir / UNTRAINED, part, 0, values, "untrained", None)
-            old = workdir / UNTRAINED / "eval" / "step_0.json"
+                self._write_mean(out_dir, part, 0, values, UNTRAINED, "untrained model")
+            old = out_dir / "eval" / "step_0.json"
             if old.is_file():
                 first = {**json.loads(old.read_text(encoding="utf-8"))["metrics"], **first}
-            trainer.write_eval(workdir / UNTRAINED, 0, first, [])
-            del model
-        for part in all_parts:
-            path = workdir / UNTRAINED / f"mean_of_{untrained_repeats}_{part}.json"
-            if path.is_file():
-                untrained[part] = json.loads(path.read_text(encoding="utf-8"))
+            trainer.write_eval(out_dir, 0, first, [])
+        return {
+            p: json.loads(path.read_text(encoding="utf-8"))
+            for p in parts if (path := out_dir / f"mean_of_{repeats}_{p}.json").is_file()
+        }
 
-        # --- train every run
-        for i, run in enumerate(runs, 1):
-            rc = self.run_config(config, workdir, run)
-            run_dir = workdir / run
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "config.json").write_text(rc.to_json_best_effort(indent=2) + "\n")
-            n = len(PoetryData(rc).train_examples(run))
-            global_batch = int(rc.train.batch_size) * int(rc.train.get("grad_accum", 1))
-            steps = self.total_steps(rc, n, global_batch)
-            ckpt = Checkpoints(run_dir / "checkpoints")
-            done = ckpt.latest_step() == steps
-            ckpt.close()
-            print(f"== run {i}/{len(runs)}: {run}: {n} examples, {steps} steps, eval and "
-                  f"checkpoint every {rc.eval.every}" + (" (done)" if done else ""), flush=True)
-            if not done:
-                trainer.train(rc, run_dir, self)
-                ckpt = Checkpoints(run_dir / "checkpoints")
-                reached = ckpt.latest_step()
-                ckpt.close()
-                if reached != steps:
-                    # The trainer returns after saving on SIGTERM: stop the experiment too.
-                    print(f"run {run} stopped at step {reached} of {steps}; run the same "
-                          "command again to resume", flush=True)
-                    return {}
+    def _train_run(self, config, workdir: Path, run: str, counter: str) -> bool:
+        """Train one run in ``workdir/<run>`` (resuming); False if it stopped early."""
+        rc = self.run_config(config, workdir, run)
+        run_dir = workdir / run
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(rc.to_json_best_effort(indent=2) + "\n")
+        n = len(PoetryData(rc).train_examples(run))
+        global_batch = int(rc.train.batch_size) * int(rc.train.get("grad_accum", 1))
+        steps = self.total_steps(rc, n, global_batch)
+        reached = _latest_step(run_dir)
+        print(f"== run {counter}: {run}: {n} examples, {steps} steps, eval and checkpoint "
+              f"every {rc.eval.every}" + (" (done)" if reached == steps else ""), flush=True)
+        if reached == steps:
+            return True
+        trainer.train(rc, run_dir, self)
+        reached = _latest_step(run_dir)
+        if reached != steps:
+            # The trainer returns after saving on SIGTERM: stop the experiment too.
+            print(f"run {run} stopped at step {reached} of {steps}; run the same command "
+                  "again to resume", flush=True)
+            return False
+        return True
 
-        # --- every checkpoint evaluated; the best per part re-evaluated N times
+    def _mean_of_n(self, config, workdir: Path, runs: list) -> tuple[dict, dict]:
+        """Evaluate checkpoints without an eval, then each part's best checkpoint N times.
+
+        Returns ``({run: {part: mean-of-N JSON}}, {run: {step: eval metrics}})``.
+        """
+        repeats = int(config.eval.repeats)
+        select = config.eval.get("select_metric", "rouge-1")
         print(f"== mean of {repeats} per run and test part", flush=True)
-        model = None
+        model = tokenizer = None
         results: dict[str, dict[str, dict]] = {}
         histories: dict[str, dict[int, dict]] = {}
         for run in runs:
@@ -562,8 +592,9 @@ class Task(sft.Task):
             ckpt.close()
             history = _eval_history(run_dir)
             missing = [s for s in on_disk if s not in history]
-            if missing or any(not self._mean_done(run_dir, p, repeats, history, on_disk, select)
-                              for p in parts):
+            best = {p: self._best_step(history, on_disk, p, select, trainer_best) for p in parts}
+            todo = [p for p in parts if not _mean_done(run_dir, p, repeats, best[p][0])]
+            if missing or todo:
                 if model is None:
                     model, tokenizer = self.build(rc)
                 self.config = rc
@@ -573,58 +604,63 @@ class Task(sft.Task):
                 metrics, samples = self.evaluate(self._restore(model, run_dir, step), eval_data)
                 trainer.write_eval(run_dir, step, metrics, samples)
                 history[step] = metrics
+            if missing:
+                best = {p: self._best_step(history, on_disk, p, select, trainer_best)
+                        for p in parts}
+                todo = [p for p in parts if not _mean_done(run_dir, p, repeats, best[p][0])]
+            for part in todo:
+                step, how = best[part]
+                print(f"  {run} {part}: checkpoint {step} ({how})", flush=True)
+                values = self.repeat_scores(
+                    self._restore(model, run_dir, step), eval_data, part, repeats, run
+                )
+                self._write_mean(run_dir, part, step, values, run, how)
             histories[run] = history
-            results[run] = {}
-            for part in parts:
-                best, how = self._best_step(history, on_disk, part, select, trainer_best)
-                path = run_dir / f"mean_of_{repeats}_{part}.json"
-                if not self._mean_done(run_dir, part, repeats, history, on_disk, select):
-                    print(f"  {run} {part}: best checkpoint {best} ({how})", flush=True)
-                    restored = self._restore(model, run_dir, best)
-                    values = self.repeat_scores(restored, eval_data, part, repeats, run)
-                    self._write_mean(run_dir, part, best, values, run, how)
-                results[run][part] = json.loads(path.read_text(encoding="utf-8"))
+            results[run] = {
+                p: json.loads((run_dir / f"mean_of_{repeats}_{p}.json").read_text(
+                    encoding="utf-8"))
+                for p in parts
+            }
+        return results, histories
 
-        # --- plots, table, summary
-        start = json.loads((workdir / UNTRAINED / "eval" / "step_0.json").read_text(
-            encoding="utf-8"))["metrics"] if (workdir / UNTRAINED / "eval" /
-                                              "step_0.json").is_file() else {}
+    def _report(self, workdir, runs, parts, untrained, results, histories, t_start) -> dict:
+        """Plots, the printed table and ``summary.json``; the flat metrics for main.py."""
+        step0 = workdir / UNTRAINED / "eval" / "step_0.json"
+        start = json.loads(step0.read_text(encoding="utf-8"))["metrics"] if step0.is_file() \
+            else {}
         start_by_part = {p: {m: start[f"{p}/{m}"] for m in METRICS}
                          for p in PARTS if f"{p}/rouge-1" in start}
         plots = plot_results(workdir, histories, start_by_part)
-        rows = [(UNTRAINED, p, untrained[p]) for p in all_parts if p in untrained]
+        rows = [(UNTRAINED, p, untrained[p]) for p in parts if p in untrained]
         rows += [(run, p, results[run][p]) for run in runs for p in parse_run(run)[1]]
         table = format_table(rows)
+        comparison = {}
+        for part in parts:
+            trained = {r: results[r][part]["mean"]["rouge-1"] for r in runs if part in results[r]}
+            if part in untrained:
+                comparison[part] = {"untrained_rouge-1": untrained[part]["mean"]["rouge-1"],
+                                    "trained_rouge-1": trained}
         wall = time.perf_counter() - t_start
         summary = {
-            "runs": {run: {p: {k: results[run][p][k] for k in ("step", "mean", "std")}
-                           for p in results[run]} for run in runs},
+            "runs": {r: {p: {k: results[r][p][k] for k in ("step", "selected_by", "mean", "std")}
+                         for p in results[r]} for r in runs},
             UNTRAINED: {p: {k: untrained[p][k] for k in ("mean", "std")} for p in untrained},
-            "repeats": repeats,
+            "repeats": int(self.config.eval.repeats),
+            "trained_vs_untrained": comparison,
             "table": table.splitlines(),
             "plots": [str(p) for p in plots],
             "wall_seconds_this_invocation": round(wall, 1),
         }
-        comparison = {}
-        for part in all_parts:
-            trained = {run: results[run][part]["mean"]["rouge-1"]
-                       for run in runs if part in results[run]}
-            if trained and part in untrained:
-                comparison[part] = {
-                    "untrained_rouge-1": untrained[part]["mean"]["rouge-1"],
-                    "trained_rouge-1": trained,
-                }
-        summary["trained_vs_untrained"] = comparison
         _write_json(workdir / "summary.json", summary)
         print(table, flush=True)
         for part, c in comparison.items():
-            best_run = max(c["trained_rouge-1"], key=c["trained_rouge-1"].get)
-            print(f"{part}: ROUGE-1 untrained {c['untrained_rouge-1']:.2f} -> "
-                  f"{best_run} {c['trained_rouge-1'][best_run]:.2f}", flush=True)
+            shown = ", ".join(f"{r} {v:.2f}" for r, v in c["trained_rouge-1"].items())
+            print(f"{part} ROUGE-1: untrained {c['untrained_rouge-1']:.2f}; trained: {shown}",
+                  flush=True)
         print(f"plots: {', '.join(str(p) for p in plots)}; summary: {workdir / 'summary.json'}; "
               f"{wall / 60:.1f} min", flush=True)
-        return {f"{run}/{p}/{m}": results[run][p]["mean"][m]
-                for run in runs for p in results[run] for m in METRICS}
+        return {f"{r}/{p}/{m}": results[r][p]["mean"][m]
+                for r in runs for p in results[r] for m in METRICS}
 
     @staticmethod
     def _best_step(history, on_disk, part, select, trainer_best) -> tuple[int, str]:
@@ -640,15 +676,8 @@ class Task(sft.Task):
             raise UserError("a run has no checkpoints: train it first")
         return on_disk[-1], "the latest checkpoint"
 
-    def _mean_done(self, run_dir, part, repeats, history, on_disk, select) -> bool:
-        """Whether ``mean_of_N_<part>.json`` exists for the current best checkpoint."""
-        path = run_dir / f"mean_of_{repeats}_{part}.json"
-        if not path.is_file() or not on_disk:
-            return False
-        best, _ = self._best_step(history, on_disk, part, select, None)
-        return json.loads(path.read_text(encoding="utf-8")).get("step") == best
-
     def _write_mean(self, run_dir: Path, part: str, step: int, values, run: str, how) -> None:
+        """Write ``run_dir/mean_of_<N>_<part>.json``: every repeat's scores, mean and std."""
         stats = aggregate(values)
         payload = {
             "run": run, "part": part, "step": step, "selected_by": how,

@@ -192,17 +192,13 @@ class Task:
         return model, tokenizer
 
     def _add_lora(self, config, model):
-        try:
-            from lib.models import lora
-        except ImportError:
-            raise UserError(
-                "config.model.lora.rank > 0 needs lib/models/lora.py, which this checkout "
-                "lacks; set --config.model.lora.rank=0 for full fine-tuning"
-            ) from None
+        """Wrap ``model.lora.targets`` in LoRA adapters; only the adapters are trained."""
+        from lib.models import lora
+
         lc = config.model.lora
-        model = lora.apply_lora(
-            model, rank=int(lc.rank), alpha=float(lc.alpha), dropout=float(lc.dropout),
-            targets=tuple(lc.targets), rngs=nnx.Rngs(config.train.seed + 1),
+        lora.apply_lora(
+            model, tuple(lc.targets), int(lc.rank), float(lc.alpha), float(lc.dropout),
+            nnx.Rngs(int(config.train.seed) + 1),
         )
         self.trainable = lora.LoRAParam
         return model
@@ -313,14 +309,19 @@ class Task:
         return [{"input": t, "output": o} for t, o in zip(inputs, outputs)]
 
     def export(self, model, tokenizer, out_dir: str) -> None:
-        """An HF directory (LoRA merged into the base weights when LoRA is on)."""
+        """An HF directory of the model, or with LoRA a PEFT adapter directory for the base
+        (``model.hub_id``, else ``model.path``)."""
+        m = self.config.model
         if self.trainable is not nnx.Param:
             from lib.models import lora
 
-            model = lora.merge_lora(model)
+            lora.export_peft(
+                model, out_dir, m.get("hub_id") or m.path, targets=tuple(m.lora.targets),
+            )
+            return
         module = qwen2 if self.family == "qwen2" else glm
         save = tokenizer if hasattr(tokenizer, "save_pretrained") else None
         module.export_pretrained(model, self.model_config, out_dir, tokenizer=save)
-        if save is None and self.config.model.path:
+        if save is None and m.path:
             # ChatGLM's tokenizer is its SentencePiece file: copy it next to the weights.
-            shutil.copy(Path(self.config.model.path) / "tokenizer.model", out_dir)
+            shutil.copy(Path(m.path) / "tokenizer.model", out_dir)

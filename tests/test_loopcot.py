@@ -6,22 +6,27 @@ import json
 import pytest
 
 from configs import loopcot as loopcot_config
+from lib import train
 from lib.errors import UserError
 from lib.tokenizer import CharVocab
 from tasks import loopcot
 from tasks.loopcot import PoetryData
 
 RECORDS = [
-    {"title": "静夜思", "author": "李白", "poem": "床前明月光，疑是地上霜。举头望明月，低头思故乡。",
+    {"title": "静夜思", "author": "李白",
+     "poem": "床前明月光，疑是地上霜。举头望明月，低头思故乡。",
      "appreciation": "此诗写远客思乡之情。月光如霜，举头望月，低头思乡。", "form": "5言绝句",
      "keywords": ["明月", "故乡"]},
-    {"title": "春晓", "author": "孟浩然", "poem": "春眠不觉晓，处处闻啼鸟。夜来风雨声，花落知多少。",
+    {"title": "春晓", "author": "孟浩然",
+     "poem": "春眠不觉晓，处处闻啼鸟。夜来风雨声，花落知多少。",
      "appreciation": "诗人抓住春天早晨刚醒时的一瞬间展开描写。", "form": "5言绝句",
      "keywords": ["春眠", "啼鸟", "风雨"]},
-    {"title": "登鹳雀楼", "author": "王之涣", "poem": "白日依山尽，黄河入海流。欲穷千里目，更上一层楼。",
+    {"title": "登鹳雀楼", "author": "王之涣",
+     "poem": "白日依山尽，黄河入海流。欲穷千里目，更上一层楼。",
      "appreciation": "这首诗写登高望远。", "form": "5言绝句", "keywords": ["白日", "黄河"]},
 ]
-EXTRA = [{"title": "江雪", "author": "柳宗元", "poem": "千山鸟飞绝，万径人踪灭。孤舟蓑笠翁，独钓寒江雪。",
+EXTRA = [{"title": "江雪", "author": "柳宗元",
+          "poem": "千山鸟飞绝，万径人踪灭。孤舟蓑笠翁，独钓寒江雪。",
           "form": "5言绝句", "keywords": ["孤舟", "寒江"]}]
 
 
@@ -71,7 +76,8 @@ def test_examples_per_experiment(config, tmp_path):
     config.data.extra_generation = str(tmp_path / "extra.json")
     data = PoetryData(config)
     assert len(data.train_examples("single_generation")) == n + 1
-    assert data.train_examples("single_generation")[-1] == (gen_prompt("孤舟，寒江"), EXTRA[0]["poem"])
+    last = data.train_examples("single_generation")[-1]
+    assert last == (gen_prompt("孤舟，寒江"), EXTRA[0]["poem"])
     assert len(data.train_examples("mix")) == 2 * n + 1
     assert len(data.train_examples("mix_summarize_keywords")) == 3 * n + 1
     with pytest.raises(UserError, match="unknown run 'single'"):
@@ -79,7 +85,8 @@ def test_examples_per_experiment(config, tmp_path):
 
 
 def test_summaries_and_theme_file(config, tmp_path):
-    assert loopcot.summarize("此诗歌颂了开国之君刘备的历史功绩。天地英雄的气派") == "歌颂了开国之君刘备的历史"
+    text = "此诗歌颂了开国之君刘备的历史功绩。天地英雄的气派"
+    assert loopcot.summarize(text) == "歌颂了开国之君刘备的历史"
     assert loopcot.summarize("天山下了一场大雪，薄海刮来寒冷的风。") == "天山下了一场大雪"
     assert loopcot.summarize("秋。夜深，人静。") == "秋，夜深"  # short clauses are joined
     shipped = json.loads(open("data/poetry/pairs.json", encoding="utf-8").read())
@@ -160,5 +167,13 @@ def test_micro_experiment_end_to_end(config, tmp_path):
     assert set(summary["untrained"]) == {"generation", "appreciation"}
     assert "generation" in summary["trained_vs_untrained"]
     # Run again: everything is on disk, nothing is trained or re-evaluated.
-    again = loopcot.Task().run(c, workdir)
+    task = loopcot.Task()
+    again = task.run(c, workdir)
     assert again == out
+    # Inference from the run's best checkpoint: one line per direction, reproducible.
+    rc = task.run_config(c, workdir, "mix")
+    model, vocab, step = train.restore_model(rc, workdir / "mix", task)
+    lines = ['{"theme": "明月", "form": "5言绝句"}', '{"poem": "床前明月光"}', "请生成诗歌：\n"]
+    outs = task.predict(rc, model, vocab, lines)
+    assert [o["part"] for o in outs] == ["generation", "appreciation", "generation"]
+    assert task.predict(rc, model, vocab, lines) == outs

@@ -242,3 +242,58 @@ def test_glm_qkv_adapters(glm_dir, tmp_path):
     assert diff <= 1e-4
     merged = lora.merge_lora(model)
     assert np.max(np.abs(np.asarray(_logits(merged, ids)) - ours)) <= 1e-5
+
+
+@nnx.jit
+def _without_and_with_dropout(model, ids, key):
+    return model(ids)[0], model(ids, rngs=nnx.Rngs(dropout=key))[0]
+
+
+# Every projection each port has: attention, MLP and the LM head.
+ALL_LINEARS = {
+    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
+              "lm_head"],
+    "glm": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj", "lm_head"],
+}
+
+
+@pytest.mark.parametrize("family", ["qwen2", "glm"])
+def test_adapter_dropout_inside_the_model(family, qwen_dir, glm_dir):
+    """The model hands its ``rngs`` to every projection: with rngs each adapter's dropout is
+    active (checked one projection kind at a time, the others' adapters at zero); without,
+    the forward is deterministic and equals the merged model's."""
+    if family == "qwen2":
+        model, _ = qwen2.load_pretrained(qwen_dir)
+    else:
+        model, _ = glm.load_pretrained(glm_dir)
+    targets = ALL_LINEARS[family]
+    lora.apply_lora(model, targets, RANK, ALPHA, 0.5, nnx.Rngs(0))
+    adapters = lora.lora_modules(model)
+    rng = np.random.default_rng(0)
+    b_values = {p: jnp.asarray(rng.normal(0, 0.3, m.lora_b.shape), jnp.float32)
+                for p, m in adapters.items()}
+    ids, key = _ids(2, seed=4), jax.random.key(3)
+
+    def set_b(kind):
+        """Adapters of projection ``kind`` (all when None) get their random B, others 0."""
+        for path, module in adapters.items():
+            on = kind is None or path.rsplit(".", 1)[-1] == kind
+            module.lora_b.set_value(b_values[path] if on else jnp.zeros_like(b_values[path]))
+
+    gaps = {}
+    for kind in targets:
+        set_b(kind)
+        plain, noisy = map(np.asarray, _without_and_with_dropout(model, ids, key))
+        gaps[kind] = float(np.abs(noisy - plain).max())
+    print(f"{family} max |logit change| from adapter dropout: {gaps}")
+    assert min(gaps.values()) > 0.5, gaps  # measured: >= 2.7 (Qwen2), >= 1.6 (GLM)
+    # All adapters at zero: dropout (on the adapter input only) changes nothing.
+    for module in adapters.values():
+        module.lora_b.set_value(jnp.zeros_like(module.lora_b.get_value()))
+    plain, noisy = map(np.asarray, _without_and_with_dropout(model, ids, key))
+    assert np.abs(noisy - plain).max() == 0.0
+    # No rngs: deterministic, the merged model's function.
+    set_b(None)
+    plain, _ = _without_and_with_dropout(model, ids, key)
+    merged = np.asarray(_logits(lora.merge_lora(nnx.clone(model)), ids))
+    assert np.abs(np.asarray(plain) - merged).max() <= 1e-4

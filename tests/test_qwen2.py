@@ -250,12 +250,6 @@ def test_unknown_override_is_an_error():
         qwen2.Qwen2Config.from_hf(TINY, hidden=3)
 
 
-def test_prefix_is_not_implemented(untied):
-    _, _, model, _ = untied
-    with pytest.raises(NotImplementedError):
-        model(jnp.zeros((1, 2), jnp.int32), prefix=object())
-
-
 def test_bfloat16_compute_stays_close(untied):
     ref, path, _, _ = untied
     model, cfg = qwen2.load_pretrained(path, dtype="bfloat16")

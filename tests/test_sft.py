@@ -109,7 +109,8 @@ def test_alpaca_template_and_record_formats(tmp_path):
         "You are an AI assistant. Follow the instruction, using the input if there is one.\n"
         "Instruction:写一首诗.\nInput:春天\nOutput: "
     )
-    assert sft.alpaca_prompt({"instruction": "写诗"}).endswith("Instruction:写诗.\nInput:\nOutput: ")
+    no_input = sft.alpaca_prompt({"instruction": "写诗"})
+    assert no_input.endswith("Instruction:写诗.\nInput:\nOutput: ")
     jsonl = tmp_path / "a.jsonl"
     jsonl.write_text(json.dumps(record, ensure_ascii=False) + "\n", encoding="utf-8")
     assert sft.read_pairs(str(jsonl), "data.train") == [(sft.alpaca_prompt(record), "春眠不觉晓")]

@@ -12,7 +12,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 POETRY = ROOT / "data" / "poetry"
 OUT = ROOT / "data" / "sft"
-FORM_NAMES = {"5言绝句": "五言绝句", "7言绝句": "七言绝句", "5言律诗": "五言律诗", "7言律诗": "七言律诗"}
+FORM_NAMES = {
+    "5言绝句": "五言绝句", "7言绝句": "七言绝句", "5言律诗": "五言律诗", "7言律诗": "七言律诗",
+}
 
 
 def first_sentence(text: str) -> str:

@@ -26,7 +26,8 @@ with base ``10000 * rope_ratio``: exactly ``partial_rotary_factor = 0.5`` here.
 
 p-tuning v2 (``prefix``): learned keys/values ``[layers, b, N, kv, d]`` are put in front of every
 layer's keys/values and are always attended. As in ChatGLM2's p-tuning, the prefix is used as
-given (no rotary is applied to it) and does not shift the positions of the real tokens.
+given (no rotary is applied to it) and does not shift the positions of the real tokens
+(``lib.models.prefix`` holds the pytree and the learned ``PrefixEncoder`` / ``PrefixLM``).
 """
 
 from __future__ import annotations
@@ -37,7 +38,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -55,6 +55,7 @@ from lib.models.layers import (
     embedding,
     rotary_cos_sin,
 )
+from lib.models.prefix import Prefix, prepend
 
 StateDict = hf.StateDict
 
@@ -258,18 +259,6 @@ def _ids(value):
     return tuple(value) if isinstance(value, list) else value
 
 
-# ----------------------------------------------------------------------------- prefix
-
-
-@flax.struct.dataclass
-class Prefix:
-    """p-tuning v2 prefix: keys/values ``[layers, b, N, kv, d]`` (``b`` may be 1 to share one
-    prefix across the batch), prepended to every layer's attention and always attended."""
-
-    k: jax.Array
-    v: jax.Array
-
-
 # ----------------------------------------------------------------------------- modules
 
 
@@ -308,21 +297,17 @@ class GlmAttention(nnx.Module):
         rngs: nnx.Rngs | None,
     ) -> tuple[jax.Array, KVCache | None]:
         b, t, _ = x.shape
-        q = self.q_proj(x).reshape(b, t, self.heads, self.head_dim)
-        k = self.k_proj(x).reshape(b, t, self.kv_heads, self.head_dim)
-        v = self.v_proj(x).reshape(b, t, self.kv_heads, self.head_dim)
+        q = self.q_proj(x, rngs=rngs).reshape(b, t, self.heads, self.head_dim)
+        k = self.k_proj(x, rngs=rngs).reshape(b, t, self.kv_heads, self.head_dim)
+        v = self.v_proj(x, rngs=rngs).reshape(b, t, self.kv_heads, self.head_dim)
         q = apply_rotary(q, cos, sin, interleaved=True)
         k = apply_rotary(k, cos, sin, interleaved=True)
         if cache is not None:
             cache, k, v = cache.update(self.layer_index, k, v)
         if prefix_kv is not None:
-            pk, pv = prefix_kv
-            pk = jnp.broadcast_to(pk, (b, *pk.shape[1:])).astype(k.dtype)
-            pv = jnp.broadcast_to(pv, (b, *pv.shape[1:])).astype(v.dtype)
-            k = jnp.concatenate([pk, k], axis=1)
-            v = jnp.concatenate([pv, v], axis=1)
+            k, v = prepend(prefix_kv, k, v)
         out = attention(q, k, v, mask, dropout_rate=self.dropout_rate, rngs=rngs)
-        return self.o_proj(out.reshape(b, t, self.heads * self.head_dim)), cache
+        return self.o_proj(out.reshape(b, t, self.heads * self.head_dim), rngs=rngs), cache
 
 
 class GlmMLP(nnx.Module):
@@ -339,9 +324,9 @@ class GlmMLP(nnx.Module):
         )
         self.act = ACTIVATIONS[config.hidden_act]
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        gate, up = jnp.split(self.gate_up_proj(x), 2, axis=-1)
-        return self.down_proj(up * self.act(gate))
+    def __call__(self, x: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
+        gate, up = jnp.split(self.gate_up_proj(x, rngs=rngs), 2, axis=-1)
+        return self.down_proj(up * self.act(gate), rngs=rngs)
 
 
 class GlmDecoderLayer(nnx.Module):
@@ -359,7 +344,7 @@ class GlmDecoderLayer(nnx.Module):
     def __call__(self, x, cos, sin, mask, cache, prefix_kv, rngs):
         h, cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, prefix_kv, rngs)
         x = x + h
-        x = x + self.mlp(self.post_attention_layernorm(x))
+        x = x + self.mlp(self.post_attention_layernorm(x), rngs)
         return x, cache
 
 
@@ -428,7 +413,7 @@ class GlmForCausalLM(nnx.Module):
         from the cache's real tokens when a cache is given. With a ``cache`` the new tokens are
         written at its ``index`` and attend to every valid slot; without, attention is causal
         within ``input_ids``. ``prefix`` adds p-tuning v2 keys/values to every layer. ``rngs``
-        turns attention dropout on (training); None is deterministic.
+        turns dropout on (attention, LoRA adapters: training); None is deterministic.
         """
         b, t = input_ids.shape
         if attention_mask is None:
@@ -445,20 +430,19 @@ class GlmForCausalLM(nnx.Module):
             causal = jnp.tril(jnp.ones((t, t), bool))
             mask = causal[None, None] & token_mask[:, None, None, :]
         if prefix is not None:
-            n = prefix.k.shape[2]
-            mask = jnp.concatenate([jnp.ones((*mask.shape[:-1], n), bool), mask], axis=-1)
+            mask = prefix.extend_mask(mask)
 
         cos, sin = rotary_cos_sin(positions, self.config.rotary_dim, self.config.rope_theta)
         x = self.model.embed_tokens(input_ids)
         run = _run_layer_remat if self.config.remat else _run_layer
         for i, layer in enumerate(self.model.layers):
-            prefix_kv = None if prefix is None else (prefix.k[i], prefix.v[i])
+            prefix_kv = None if prefix is None else prefix.layer(i)
             x, cache = run(layer, x, cos, sin, mask, cache, prefix_kv, rngs)
         x = self.model.norm(x)
         if self.config.tie_word_embeddings:
             logits = self.model.embed_tokens.attend(x)
         else:
-            logits = self.lm_head(x)
+            logits = self.lm_head(x, rngs=rngs)
         if cache is not None:
             cache = cache.advance(t)
         return logits.astype(jnp.float32), cache

@@ -28,6 +28,62 @@ def normal_init(std: float, axes: Axes):
     return nnx.with_partitioning(nnx.initializers.normal(std), axes)
 
 
+@jax.custom_vjp
+def _project(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    return jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+
+
+def _project_fwd(x, kernel):
+    return _project(x, kernel), (x, kernel)
+
+
+def _project_bwd(res, dy):
+    # The same two products as autodiff's, but the kernel gradient contracts the batch
+    # dimensions of x and dy, and one of the two must be transposed for the matmul kernel.
+    # Autodiff leaves the choice to XLA, which on CPU often transposes the larger one and
+    # recomputes the elementwise ops fused into it (the GELU, the dropout mask) in transposed
+    # order: a fifth of a BERT train step. Transposing the narrower of the two is cheapest.
+    x, kernel = res
+    dx = jax.lax.dot_general(dy, kernel, (((dy.ndim - 1,), (1,)), ((), ())))
+    batch = tuple(range(x.ndim - 1))
+    if kernel.shape[0] <= kernel.shape[1]:
+        dkernel = jax.lax.dot_general(x, dy, ((batch, batch), ((), ())))
+    else:
+        dkernel = jax.lax.dot_general(dy, x, ((batch, batch), ((), ()))).T
+    return dx.astype(x.dtype), dkernel.astype(kernel.dtype)
+
+
+_project.defvjp(_project_fwd, _project_bwd)
+
+
+def _dense_dot_general(lhs, rhs, dimension_numbers, precision=None, **kwargs):
+    """``lax.dot_general`` for ``nnx.Linear``; its ``x @ kernel`` case takes ``_project``."""
+    linear = (((lhs.ndim - 1,), (0,)), ((), ()))
+    plain = precision is None and all(v is None for v in kwargs.values())
+    if plain and rhs.ndim == 2 and lhs.dtype == rhs.dtype and _dims(dimension_numbers) == linear:
+        return _project(lhs, rhs)
+    return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision, **kwargs)
+
+
+def _dims(dimension_numbers) -> tuple:
+    (lc, rc), (lb, rb) = dimension_numbers
+    return ((tuple(lc), tuple(rc)), (tuple(lb), tuple(rb)))
+
+
+class Dense(nnx.Linear):
+    """``nnx.Linear`` whose call also takes ``rngs``, which it ignores.
+
+    The ports pass ``rngs`` to every projection so that a layer swapped for a
+    ``lora.LoRALinear`` (which applies adapter dropout) gets it; a plain projection has no
+    dropout of its own. The parameter paths (``kernel``, ``bias``) are those of ``nnx.Linear``.
+    """
+
+    def __call__(self, x: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
+        """``x @ kernel + bias``."""
+        del rngs
+        return super().__call__(x)
+
+
 def dense(
     in_features: int,
     out_features: int,
@@ -37,12 +93,12 @@ def dense(
     use_bias: bool = True,
     dtype: jnp.dtype = jnp.float32,
     std: float = 0.02,
-) -> nnx.Linear:
-    """A Linear layer (fp32 params, ``dtype`` compute) whose kernel has logical ``axes``.
+) -> Dense:
+    """A ``Dense`` layer (fp32 params, ``dtype`` compute) whose kernel has logical ``axes``.
 
     The kernel is ``[in, out]``: the transpose of a torch ``nn.Linear.weight``.
     """
-    return nnx.Linear(
+    return Dense(
         in_features,
         out_features,
         use_bias=use_bias,
@@ -50,6 +106,7 @@ def dense(
         param_dtype=jnp.float32,
         kernel_init=normal_init(std, axes),
         bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), (axes[-1],)),
+        dot_general=_dense_dot_general,
         rngs=rngs,
     )
 
@@ -108,8 +165,60 @@ def dropout(x: jax.Array, rate: float, rngs: nnx.Rngs | None) -> jax.Array:
     """Inverted dropout; the identity when ``rngs`` is None (evaluation) or ``rate`` is 0."""
     if rngs is None or rate == 0.0:
         return x
-    keep = jax.random.bernoulli(rngs.dropout(), 1.0 - rate, x.shape)
+    key = rngs.dropout()
+    if x.size >= 2**32:  # beyond the hash's index range
+        keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    else:
+        threshold = min(round((1.0 - rate) * 2**32), 2**32 - 1)
+        keep = _dropout_bits(key, x.shape) < jnp.uint32(threshold)
     return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+
+
+def _hash32(x: jax.Array) -> jax.Array:
+    # "lowbias32" integer finalizer: a bijection of uint32 with near-ideal avalanche.
+    x = x ^ (x >> 16)
+    x = x * jnp.uint32(0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = x * jnp.uint32(0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def _dropout_bits(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """Uniform uint32 bits of a dropout mask: a keyed hash of each element's flat index.
+
+    ``jax.random`` bits (threefry) run as a rolled loop on CPU and XLA keeps their raw output
+    alive for the backward pass: about a fifth of a BERT train step. The hash is a few integer
+    ops that XLA fuses into the ops using the mask (also where it recomputes the mask in the
+    backward pass), and it depends only on the global index, so the mask is the same however
+    the array is sharded.
+    """
+    seed = jax.random.bits(key, (2,), jnp.uint32)
+    index = jnp.zeros(shape, jnp.uint32)
+    stride = 1
+    for dim in reversed(range(len(shape))):
+        index = index + jax.lax.broadcasted_iota(jnp.uint32, shape, dim) * jnp.uint32(stride)
+        stride *= shape[dim]
+    return _hash32(_hash32(index ^ seed[0]) + seed[1])
+
+
+@jax.custom_vjp
+def _softmax(logits: jax.Array) -> jax.Array:
+    return jax.nn.softmax(logits, axis=-1)
+
+
+def _softmax_fwd(logits):
+    probs = _softmax(logits)
+    return probs, probs
+
+
+def _softmax_bwd(probs, dprobs):
+    # The softmax gradient from its output alone. Autodiff of jax.nn.softmax (without the
+    # opt-in jax_softmax_custom_jvp) differentiates exp and the division separately: more
+    # residuals and more passes over the [b, h, t, s] scores.
+    return (probs * (dprobs - jnp.sum(dprobs * probs, axis=-1, keepdims=True)),)
+
+
+_softmax.defvjp(_softmax_fwd, _softmax_bwd)
 
 
 def attention(
@@ -137,7 +246,7 @@ def attention(
     if mask is not None:
         mask = jnp.broadcast_to(mask, (b, h, t, mask.shape[-1])).reshape(b, kv, groups, t, -1)
         logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    probs = _softmax(logits).astype(v.dtype)
     probs = dropout(probs, dropout_rate, rngs)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
     return out.reshape(b, t, h, d)

@@ -8,6 +8,8 @@ checkpoints still store ``lm_head.weight``.
 The forward pass is the decoder interface every port implements (see ``Qwen2ForCausalLM``):
 without a cache it is a causal, padding-masked pass over ``[b, t]``; with a ``KVCache`` it
 appends the new tokens to the cache, which is how ``lib.generate`` prefills and decodes.
+``prefix`` (p-tuning v2, ``lib.models.prefix``) puts learned keys/values in front of every
+layer's, exactly as the GLM port does.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from lib.models.layers import (
     embedding,
     rotary_cos_sin,
 )
+from lib.models.prefix import Prefix, prepend
 
 # HF config.json keys we read; our fields have the same names. Other keys (bookkeeping,
 # generation defaults, torch-only switches) are ignored; those of features we do not implement
@@ -203,17 +206,20 @@ class Qwen2Attention(nnx.Module):
         self.head_dim = d
         self.dropout_rate = cfg.attention_dropout
 
-    def __call__(self, x, cos, sin, mask, cache: KVCache | None, rngs):
+    def __call__(self, x, cos, sin, mask, cache: KVCache | None, rngs, prefix_kv=None):
         b, t, _ = x.shape
-        q = self.q_proj(x).reshape(b, t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).reshape(b, t, self.num_kv_heads, self.head_dim)
+        q = self.q_proj(x, rngs=rngs).reshape(b, t, self.num_heads, self.head_dim)
+        k = self.k_proj(x, rngs=rngs).reshape(b, t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x, rngs=rngs).reshape(b, t, self.num_kv_heads, self.head_dim)
         q = apply_rotary(q, cos, sin)
         k = apply_rotary(k, cos, sin)
         if cache is not None:
             cache, k, v = cache.update(self.layer_idx, k, v)
+        if prefix_kv is not None:
+            k, v = prepend(prefix_kv, k, v)
         out = attention(q, k, v, mask, dropout_rate=self.dropout_rate, rngs=rngs)
-        return self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim)), cache
+        out = self.o_proj(out.reshape(b, t, self.num_heads * self.head_dim), rngs=rngs)
+        return out, cache
 
 
 class Qwen2MLP(nnx.Module):
@@ -227,8 +233,9 @@ class Qwen2MLP(nnx.Module):
         self.down_proj = dense(m, h, ("mlp", "embed"), **kw)
         self.act = cfg.hidden_act
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down_proj(ACTIVATIONS[self.act](self.gate_proj(x)) * self.up_proj(x))
+    def __call__(self, x: jax.Array, rngs: nnx.Rngs | None = None) -> jax.Array:
+        gate = ACTIVATIONS[self.act](self.gate_proj(x, rngs=rngs))
+        return self.down_proj(gate * self.up_proj(x, rngs=rngs), rngs=rngs)
 
 
 class Qwen2DecoderLayer(nnx.Module):
@@ -241,15 +248,17 @@ class Qwen2DecoderLayer(nnx.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
 
-    def __call__(self, x, cos, sin, mask, cache: KVCache | None, rngs):
-        attn, cache = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, rngs)
+    def __call__(self, x, cos, sin, mask, cache: KVCache | None, rngs, prefix_kv=None):
+        attn, cache = self.self_attn(
+            self.input_layernorm(x), cos, sin, mask, cache, rngs, prefix_kv
+        )
         x = x + attn
-        x = x + self.mlp(self.post_attention_layernorm(x))
+        x = x + self.mlp(self.post_attention_layernorm(x), rngs)
         return x, cache
 
 
-def _layer_without_cache(layer: Qwen2DecoderLayer, x, cos, sin, mask, rngs):
-    return layer(x, cos, sin, mask, None, rngs)[0]
+def _layer_without_cache(layer: Qwen2DecoderLayer, x, cos, sin, mask, rngs, prefix_kv=None):
+    return layer(x, cos, sin, mask, None, rngs, prefix_kv)[0]
 
 
 # Recomputes each layer's activations in the backward pass instead of storing them.
@@ -281,7 +290,9 @@ class Qwen2ForCausalLM(nnx.Module):
     masks padding; ``positions`` default to ``cumsum(mask) - 1`` (clipped at 0) so that left
     padding gives the positions HF ``generate`` uses. With a cache, the new tokens are
     appended after the cache's filled slots and positions continue from the number of real
-    tokens already cached.
+    tokens already cached. ``prefix`` (a ``Prefix``, keys/values ``[layers, b|1, N, kv, d]``)
+    is put in front of every layer's keys/values and always attended; it gets no rotary and
+    does not shift the positions. ``rngs`` turns dropout on (attention, LoRA adapters).
     """
 
     def __init__(self, cfg: Qwen2Config, *, rngs: nnx.Rngs):
@@ -317,12 +328,10 @@ class Qwen2ForCausalLM(nnx.Module):
         positions: jax.Array | None = None,
         cache: KVCache | None = None,
         *,
-        prefix=None,
+        prefix: Prefix | None = None,
         rngs: nnx.Rngs | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
         """Logits ``[b, t, vocab]`` (fp32) and the updated cache (None without one)."""
-        if prefix is not None:
-            raise NotImplementedError("Qwen2 does not implement prefix (p-tuning v2) states")
         cfg = self.config
         b, t = input_ids.shape
         token_mask = (
@@ -338,21 +347,24 @@ class Qwen2ForCausalLM(nnx.Module):
             mask = causal[None, None] & token_mask[:, None, None, :]
         else:
             cache, mask = cache.add_tokens(token_mask)
+        if prefix is not None:
+            mask = prefix.extend_mask(mask)
         cos, sin = rotary_cos_sin(positions, cfg.head_dim, cfg.rope_theta)
 
         x = self.model.embed_tokens(input_ids)
-        for layer in self.model.layers:
+        for i, layer in enumerate(self.model.layers):
+            prefix_kv = None if prefix is None else prefix.layer(i)
             if cache is not None:
-                x, cache = layer(x, cos, sin, mask, cache, rngs)
+                x, cache = layer(x, cos, sin, mask, cache, rngs, prefix_kv)
             elif cfg.remat:
-                x = _remat_layer(layer, x, cos, sin, mask, rngs)
+                x = _remat_layer(layer, x, cos, sin, mask, rngs, prefix_kv)
             else:
-                x = _layer_without_cache(layer, x, cos, sin, mask, rngs)
+                x = _layer_without_cache(layer, x, cos, sin, mask, rngs, prefix_kv)
         x = self.model.norm(x)
         if cfg.tie_word_embeddings:
             logits = self.model.embed_tokens.attend(x)
         else:
-            logits = self.lm_head(x)
+            logits = self.lm_head(x, rngs=rngs)
         if cache is not None:
             cache = cache.advance(t)
         return logits.astype(jnp.float32), cache
