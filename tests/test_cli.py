@@ -97,11 +97,12 @@ def wait_for_checkpoint(proc: subprocess.Popen, workdir: Path, timeout: float = 
     raise AssertionError("no checkpoint appeared")
 
 
-def assert_same_run(a: Path, b: Path) -> None:
+def assert_same_run(a: Path, b: Path, *, same_log: bool = True) -> None:
     ea = json.loads((a / f"eval/step_{STEPS}.json").read_text())
     eb = json.loads((b / f"eval/step_{STEPS}.json").read_text())
     assert ea == eb
-    assert train_history(a) == train_history(b)
+    if same_log:
+        assert train_history(a) == train_history(b)
     diffs = jax.tree.map(lambda x, y: float(np.max(np.abs(np.asarray(x) - np.asarray(y)))),
                          final_params(a), final_params(b))
     assert max(jax.tree.leaves(diffs)) == 0.0
@@ -133,7 +134,9 @@ def test_sigterm_saves_and_exits_cleanly(data, reference, tmp_path):
     assert proc.returncode == 0, err[-2000:]
     result = run(cmd)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert_same_run(reference, tmp_path)
+    # SIGTERM saves at whatever step it lands on, so the log line of that interval is split
+    # in two (means over fewer steps); params and evaluations are identical.
+    assert_same_run(reference, tmp_path, same_log=False)
 
 
 def test_tensorboard_events_and_plots(reference):
