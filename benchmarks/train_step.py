@@ -7,21 +7,27 @@ and loaded by our port, so both sides train the same weights on the same batch:
   weight-decay mask, global-norm clipping, fp32, dropout on, donated state) around the loss of
   ``tasks.classification``;
 - PyTorch: ``BertForSequenceClassification`` in train mode, ``torch.optim.AdamW`` with the same
-  decay groups and linear schedule, ``clip_grad_norm_``, fp32, ``os.cpu_count()`` threads.
+  decay groups and linear schedule, ``clip_grad_norm_``, fp32, one thread per core.
 
-Compilation / the first step is excluded and reported separately; then the two alternate, one
-block of steps each, so both see the same machine load. The table gives tokens/s (median step)
-and the ratio ours / PyTorch.
+The first step (compilation, warm-up) is excluded and reported separately; then the two
+alternate, ``--block`` steps each, so both see the same machine load. The table gives tokens/s
+(batch x seq, padding included, over the median step), the ratio ours / PyTorch of the median
+steps and of the fastest steps, and the mean load average while timing. On a shared machine
+PyTorch's OpenMP threads slow down far more than XLA's under contention: compare runs taken at
+a load average below the core count, or pin both to one core with ``--cores 1``.
 
-    .venv/bin/python benchmarks/train_step.py [--sizes small,base --steps 10 --batch 16 --seq 128]
-    .venv/bin/python benchmarks/train_step.py --profile [--trace /tmp/trace]
+    .venv/bin/python benchmarks/train_step.py [--sizes small,base] [--steps 10] [--batch N]
+                                              [--seq 128] [--cores N]
+    .venv/bin/python benchmarks/train_step.py --profile [--cores 1] [--trace DIR]
 
 ``--profile`` (small size) prints XLA's cost analysis of the compiled step, the time of the
-forward pass, of forward + backward and of the whole step, and the most expensive fusions of
-the optimized HLO; ``--trace DIR`` also writes a ``jax.profiler`` trace (open it in Perfetto).
+forward pass, of forward + backward and of the whole step, then the step's time per kind of XLA
+op and its heaviest ops, from a ``jax.profiler`` trace (``--trace DIR`` keeps it for Perfetto).
+Matmuls on XLA's Eigen path run asynchronously on its thread pool and their trace spans
+undercount them; ``--cores 1`` gives a complete per-op account.
 
-Another model/step pair is one more function returning a ``Pair`` (see ``bert_classification``)
-and one more entry in ``PAIRS``.
+Another model/step pair (e.g. a causal-LM SFT step) is one more function returning a ``Pair``
+(see ``bert_classification``) and one more entry in ``PAIRS``.
 """
 
 from __future__ import annotations
@@ -75,6 +81,7 @@ class Pair:
     ``ours()`` / ``torch()`` run one train step, block until it is done and return the loss.
     ``tokens`` is the number of tokens one step processes. ``lower()`` lowers our jitted step
     for the batch (for ``--profile``); ``parts`` are extra jitted pieces to time there.
+    Build a pair before any step runs: both sides start from the same weights.
     """
 
     name: str
@@ -83,6 +90,8 @@ class Pair:
     torch: Callable[[], float]
     lower: Callable[[], jax.stages.Lowered] | None = None
     parts: dict[str, Callable[[], object]] = dataclasses.field(default_factory=dict)
+    # Max |ours - PyTorch| of the eval-mode outputs before training: both compute the same.
+    output_diff: float = float("nan")
 
 
 def random_batch(batch: int, seq: int, vocab: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -152,8 +161,10 @@ def bert_classification(size: str, batch: int, seq: int) -> Pair:
         model = nnx.merge(graphdef, params, frozen)
         return task.loss(model, batch, jax.random.key(0))[0]
 
-    fwd = jax.jit(loss_only)
-    fwd_bwd = jax.jit(jax.grad(loss_only))
+    # Compiled as the train step is (lib.train's XLA options for this platform).
+    options = train._compiler_options(jax.devices()[0].platform)
+    fwd = jax.jit(loss_only, compiler_options=options)
+    fwd_bwd = jax.jit(jax.grad(loss_only), compiler_options=options)
     parts = {
         "forward (loss)": lambda: jax.block_until_ready(fwd(holder["state"]["params"],
                                                             device_batch)),
@@ -162,9 +173,18 @@ def bert_classification(size: str, batch: int, seq: int) -> Pair:
     }
 
     # --- PyTorch
+    tb = {k: torch.from_numpy(v.astype(np.int64)) for k, v in host.items()}
+    inputs = {k: tb[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
+    with torch.no_grad():
+        hf_logits = hf_model.eval()(**inputs).logits.numpy()
+    eval_logits = jax.jit(
+        lambda params, b: task.logits(nnx.merge(graphdef, params, frozen), b),
+        compiler_options=options,
+    )
+    diff = float(np.max(np.abs(np.asarray(eval_logits(state["params"], device_batch))
+                                - hf_logits)))
     hf_model.train()
     opt, sched = _torch_optimizer(hf_model)
-    tb = {k: torch.from_numpy(v.astype(np.int64)) for k, v in host.items()}
 
     def torch_step() -> float:
         out = hf_model(input_ids=tb["input_ids"], attention_mask=tb["attention_mask"],
@@ -177,7 +197,7 @@ def bert_classification(size: str, batch: int, seq: int) -> Pair:
         return float(out.loss.detach())
 
     lower = lambda: step.lower(holder["state"], frozen, device_batch)
-    return Pair(f"bert-cls {size}", batch * seq, ours, torch_step, lower, parts)
+    return Pair(f"bert-cls {size}", batch * seq, ours, torch_step, lower, parts, diff)
 
 
 # name -> builder(size, batch, seq); a new model/step pair is one more entry.
@@ -336,10 +356,11 @@ def main() -> None:
                 profile(pair, args.trace, args.top)
                 continue
             r = measure(pair, args.steps, args.block)
-            print(f"{pair.name}: batch {batch} x seq {args.seq}; first step ours "
-                  f"{r['first_ours']:.1f} s, torch {r['first_torch']:.2f} s; first loss "
-                  f"{r['loss_ours']:.4f} / {r['loss_torch']:.4f}; fastest step "
-                  f"{r['ours_min']:.3f} / {r['torch_min']:.3f} s", flush=True)
+            print(f"{pair.name}: batch {batch} x seq {args.seq}; eval outputs differ by "
+                  f"{pair.output_diff:.1e}; first step ours {r['first_ours']:.1f} s, torch "
+                  f"{r['first_torch']:.2f} s; first loss {r['loss_ours']:.4f} / "
+                  f"{r['loss_torch']:.4f}; fastest step {r['ours_min']:.3f} / "
+                  f"{r['torch_min']:.3f} s", flush=True)
             rows.append((pair, batch, r))
             del pair
     if rows:

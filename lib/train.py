@@ -9,6 +9,7 @@ key), so a run resumed from a checkpoint at step N continues exactly as an unint
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -223,7 +224,27 @@ def compile_step(
         in_shardings=(state_sh, frozen_sh, sharding.batch_sharding(mesh)),
         out_shardings=(state_sh, sharding.replicated(mesh)),
         donate_argnums=(0,),
+        compiler_options=_compiler_options(mesh.devices.flat[0].platform),
     )
+
+
+# XLA:CPU runs matmuls with YNNPACK by default; for the fp32 matmuls of a train step its Eigen
+# kernels are ~25% faster per core on x86 (about 5-8% of a BERT step). Its YNNPACK reductions
+# are kept: without them XLA splits reductions into slower reduce-window passes.
+_CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}
+
+
+@functools.cache
+def _compiler_options(platform: str) -> dict | None:
+    """XLA options for the train step on ``platform``, if this jaxlib knows them (the CPU
+    option is experimental and may go away)."""
+    if platform != "cpu":
+        return None
+    try:
+        jax.jit(lambda x: x + 1, compiler_options=_CPU_COMPILER_OPTIONS).lower(1.0).compile()
+    except Exception:  # an unknown option: keep XLA's defaults
+        return None
+    return _CPU_COMPILER_OPTIONS
 
 
 # ----------------------------------------------------------------------------- evaluation

@@ -251,16 +251,30 @@ class BertLayer(nnx.Module):
         self.attention_dropout = cfg.attention_probs_dropout_prob
 
     def __call__(
-        self, x: jax.Array, mask: jax.Array | None, *, rngs: nnx.Rngs | None = None
+        self,
+        x: jax.Array,
+        mask: jax.Array | None,
+        *,
+        rngs: nnx.Rngs | None = None,
+        queries: int | None = None,
     ) -> jax.Array:
-        """``x [b, t, H]``, boolean ``mask`` broadcastable to ``[b, heads, t, t]``."""
+        """``x [b, t, H]``, boolean ``mask`` broadcastable to ``[b, heads, t, t]``.
+
+        ``queries=n`` computes the outputs of the first ``n`` positions only (attending to
+        all ``t``): ``[b, n, H]``, equal to the first ``n`` rows of the full output.
+        """
         b, t, hidden = x.shape
-        split = lambda y: y.reshape(b, t, self.heads, hidden // self.heads)
+        split = lambda y: y.reshape(b, y.shape[1], self.heads, hidden // self.heads)
         sa = self.attention.self
+        keys = x
+        if queries is not None:
+            x = x[:, :queries]
+            if mask is not None and mask.shape[2] > 1:
+                mask = mask[:, :, :queries]
         ctx = layers.attention(
-            split(sa.query(x)), split(sa.key(x)), split(sa.value(x)), mask,
+            split(sa.query(x)), split(sa.key(keys)), split(sa.value(keys)), mask,
             dropout_rate=self.attention_dropout, rngs=rngs,
-        ).reshape(b, t, hidden)
+        ).reshape(x.shape)
         out = self.attention.output
         x = out.LayerNorm(x + layers.dropout(out.dense(ctx), self.hidden_dropout, rngs))
         y = layers.ACTIVATIONS[self.act](self.intermediate.dense(x))
@@ -311,6 +325,7 @@ class BertModel(nnx.Module):
         task_type_ids: jax.Array | None = None,
         *,
         rngs: nnx.Rngs | None = None,
+        first_only: bool = False,
     ) -> tuple[jax.Array, jax.Array | None]:
         """Encode ``input_ids [b, t]``.
 
@@ -318,12 +333,19 @@ class BertModel(nnx.Module):
         keys each query sees, e.g. a UniLM seq2seq mask). ``rngs=None`` is deterministic
         (evaluation); with ``rngs`` dropout is on. Returns ``(sequence_output [b, t, H],
         pooled [b, H])``; pooled is None for a model built without a pooler.
+        ``first_only=True`` runs the last layer for the first position only (all that the
+        pooler reads): the same pooled output for a fraction of the last layer's work, and
+        sequence_output ``[b, 1, H]``.
         """
         mask = _attention_mask(attention_mask)
         x = self.embeddings(input_ids, token_type_ids, task_type_ids, rngs=rngs)
         run = _run_layer_remat if self.remat else _run_layer
-        for layer in self.encoder.layer:
-            x = run(layer, x, mask, rngs)
+        stack = list(self.encoder.layer)
+        for i, layer in enumerate(stack):
+            if first_only and i == len(stack) - 1:
+                x = layer(x, mask, rngs=rngs, queries=1)
+            else:
+                x = run(layer, x, mask, rngs)
         pooled = jnp.tanh(self.pooler.dense(x[:, 0])) if self.has_pooler else None
         return x, pooled
 
@@ -434,7 +456,7 @@ class BertForSequenceClassification(nnx.Module):
     ) -> jax.Array:
         """Class logits ``[b, num_labels]`` (fp32)."""
         _, pooled = self.bert(
-            input_ids, attention_mask, token_type_ids, task_type_ids, rngs=rngs
+            input_ids, attention_mask, token_type_ids, task_type_ids, rngs=rngs, first_only=True
         )
         pooled = layers.dropout(pooled, self.dropout_rate, rngs)
         return self.classifier(pooled).astype(jnp.float32)

@@ -201,26 +201,6 @@ def _dropout_bits(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     return _hash32(_hash32(index ^ seed[0]) + seed[1])
 
 
-@jax.custom_vjp
-def _softmax(logits: jax.Array) -> jax.Array:
-    return jax.nn.softmax(logits, axis=-1)
-
-
-def _softmax_fwd(logits):
-    probs = _softmax(logits)
-    return probs, probs
-
-
-def _softmax_bwd(probs, dprobs):
-    # The softmax gradient from its output alone. Autodiff of jax.nn.softmax (without the
-    # opt-in jax_softmax_custom_jvp) differentiates exp and the division separately: more
-    # residuals and more passes over the [b, h, t, s] scores.
-    return (probs * (dprobs - jnp.sum(dprobs * probs, axis=-1, keepdims=True)),)
-
-
-_softmax.defvjp(_softmax_fwd, _softmax_bwd)
-
-
 def attention(
     q: jax.Array,
     k: jax.Array,
@@ -246,7 +226,7 @@ def attention(
     if mask is not None:
         mask = jnp.broadcast_to(mask, (b, h, t, mask.shape[-1])).reshape(b, kv, groups, t, -1)
         logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    probs = _softmax(logits).astype(v.dtype)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     probs = dropout(probs, dropout_rate, rngs)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v)
     return out.reshape(b, t, h, d)
