@@ -55,7 +55,9 @@ def run(config, workdir: Path, mode: str) -> None:
     if mode == "eval":
         _, eval_data = task.datasets(config, tokenizer)
         metrics, samples = task.evaluate(model, eval_data)
-        train.write_eval(workdir, step, metrics, samples)
+        # Named after the split, so that evaluating another file never overwrites the run's own
+        # eval/step_N.json.
+        train.write_eval(workdir, step, metrics, samples, name=Path(config.data.eval).stem)
         print(f"eval of step {step}: " + json.dumps(metrics, ensure_ascii=False), flush=True)
     elif mode == "predict":
         source = config.predict.input

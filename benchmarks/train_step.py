@@ -1,13 +1,19 @@
 """Train-step speed: our jitted, sharded train step vs Hugging Face PyTorch, on this machine.
 
-For each size, one BERT sequence classifier (vocab 21128) is built with ``transformers``, saved,
-and loaded by our port, so both sides train the same weights on the same batch:
+Two pairs, each at a small and a base size (vocab 21128). The model is built with
+``transformers``, saved, and loaded by our port, so both sides train the same weights on the
+same batch:
 
-- ours: ``lib.train.init_state`` + ``compile_step`` (exactly what training runs: AdamW with the
-  weight-decay mask, global-norm clipping, fp32, dropout on, donated state) around the loss of
-  ``tasks.classification``;
-- PyTorch: ``BertForSequenceClassification`` in train mode, ``torch.optim.AdamW`` with the same
-  decay groups and linear schedule, ``clip_grad_norm_``, fp32, one thread per core.
+- ``bert-cls``: BERT sequence classification. Ours: ``lib.train.init_state`` + ``compile_step``
+  (exactly what training runs: AdamW with the weight-decay mask, global-norm clipping, fp32,
+  dropout on, donated state) around the loss of ``tasks.classification``; PyTorch:
+  ``BertForSequenceClassification`` in train mode.
+- ``qwen2-sft``: causal-LM SFT with the answer-only loss of ``tasks.sft`` (``lib.lm_data``) on a
+  Qwen2-architecture decoder vs ``Qwen2ForCausalLM`` with the same labels.
+
+PyTorch runs ``torch.optim.AdamW`` with the same decay groups and linear schedule,
+``clip_grad_norm_``, fp32, one thread per core. Each pair first prints how far the two models'
+eval-mode outputs are apart and both first losses (the same weights and batch: they agree).
 
 The first step (compilation, warm-up) is excluded and reported separately; then the two
 alternate, ``--block`` steps each, so both see the same machine load. The table gives tokens/s
@@ -54,8 +60,8 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from lib import sharding, train  # noqa: E402
-from lib.models import bert  # noqa: E402
+from lib import lm_data, sharding, train  # noqa: E402
+from lib.models import bert, qwen2  # noqa: E402
 from tasks import classification  # noqa: E402
 
 SIZES = {
@@ -63,6 +69,13 @@ SIZES = {
                   intermediate_size=1024),
     "base": dict(num_hidden_layers=12, hidden_size=768, num_attention_heads=12,
                  intermediate_size=3072),
+}
+# Qwen2-architecture decoders of about the same sizes (grouped-query attention 2:1, SwiGLU).
+QWEN2_SIZES = {
+    "small": dict(num_hidden_layers=4, hidden_size=256, num_attention_heads=4,
+                  num_key_value_heads=2, intermediate_size=704),
+    "base": dict(num_hidden_layers=12, hidden_size=768, num_attention_heads=12,
+                 num_key_value_heads=6, intermediate_size=2048),
 }
 # Base is run at batch 8 to keep a run within a few minutes; --batch sets both.
 DEFAULT_BATCH = {"small": 16, "base": 8}
@@ -110,10 +123,12 @@ def random_batch(batch: int, seq: int, vocab: int, seed: int = 0) -> dict[str, n
 
 
 def _torch_optimizer(model: torch.nn.Module):
-    """AdamW with decay on everything but biases and LayerNorm weights, linear schedule."""
+    """AdamW with decay on everything but biases and norm weights (as ``lib.train``), linear
+    schedule."""
     decay, no_decay = [], []
     for name, p in model.named_parameters():
-        (no_decay if name.endswith("bias") or "LayerNorm" in name else decay).append(p)
+        norm = "LayerNorm" in name or name.endswith("norm.weight")
+        (no_decay if name.endswith("bias") or norm else decay).append(p)
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": TRAIN["weight_decay"]},
          {"params": no_decay, "weight_decay": 0.0}],
@@ -121,6 +136,68 @@ def _torch_optimizer(model: torch.nn.Module):
     )
     sched = transformers.get_linear_schedule_with_warmup(opt, TRAIN["warmup_steps"], TOTAL_STEPS)
     return opt, sched
+
+
+def _our_step(model, loss_fn, logits_fn, host: dict[str, np.ndarray]):
+    """Our side of a pair, exactly the trainer's pieces: ``init_state`` + ``compile_step`` on a
+    one-axis data mesh, for ``loss_fn(model, batch, rng)``.
+
+    Returns ``(step, parts, lower, forward)``: one train step returning its loss, the loss and
+    loss + gradient as separate jitted functions (for ``--profile``), the lowering of the step,
+    and the eval-mode ``logits_fn(model, batch)`` of the initial params as numpy.
+    """
+    tcfg = ml_collections.ConfigDict(TRAIN)
+    mesh = sharding.make_mesh(-1, 1, 1)
+    schedule = train.make_schedule(tcfg, TOTAL_STEPS)
+    tx = train.make_optimizer(tcfg, schedule)
+    graphdef, state, state_sh, frozen, frozen_sh = train.init_state(model, tx, mesh)
+    step = train.compile_step(graphdef, loss_fn, tx, schedule, state_sh, frozen_sh, mesh,
+                              grad_accum=1, seed=TRAIN["seed"])
+    device_batch = sharding.shard_batch(host, mesh)
+    holder = {"state": state}
+
+    def ours() -> float:
+        holder["state"], metrics = step(holder["state"], frozen, device_batch)
+        return float(jax.block_until_ready(metrics["loss"]))
+
+    def loss_only(params, batch):
+        return loss_fn(nnx.merge(graphdef, params, frozen), batch, jax.random.key(0))[0]
+
+    # Compiled as the train step is (lib.train's XLA options for this platform).
+    options = train._compiler_options(jax.devices()[0].platform)
+    fwd = jax.jit(loss_only, compiler_options=options)
+    fwd_bwd = jax.jit(jax.grad(loss_only), compiler_options=options)
+    parts = {
+        "forward (loss)": lambda: jax.block_until_ready(fwd(holder["state"]["params"],
+                                                            device_batch)),
+        "forward + backward": lambda: jax.block_until_ready(
+            fwd_bwd(holder["state"]["params"], device_batch)),
+    }
+    eval_logits = jax.jit(
+        lambda params, b: logits_fn(nnx.merge(graphdef, params, frozen), b),
+        compiler_options=options,
+    )
+    params0 = state["params"]
+    forward = lambda: np.asarray(eval_logits(params0, device_batch))
+    lower = lambda: step.lower(holder["state"], frozen, device_batch)
+    return ours, parts, lower, forward
+
+
+def _torch_step(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> Callable[[], float]:
+    """PyTorch's side: forward with labels, backward, clip, AdamW, schedule (train mode)."""
+    model.train()
+    opt, sched = _torch_optimizer(model)
+
+    def step() -> float:
+        out = model(**inputs)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), TRAIN["grad_clip"])
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        return float(out.loss.detach())
+
+    return step
 
 
 def bert_classification(size: str, batch: int, seq: int) -> Pair:
@@ -137,71 +214,72 @@ def bert_classification(size: str, batch: int, seq: int) -> Pair:
         model, _ = bert.load_pretrained(tmp, bert.BertForSequenceClassification)
     host = random_batch(batch, seq, VOCAB)
 
-    # --- ours: exactly the trainer's pieces
     task = classification.Task()
     # What Task.build sets from config.loss: plain cross-entropy.
     task.focal_gamma, task.class_weights = 0.0, None
-    tcfg = ml_collections.ConfigDict(TRAIN)
-    mesh = sharding.make_mesh(-1, 1, 1)
-    schedule = train.make_schedule(tcfg, TOTAL_STEPS)
-    tx = train.make_optimizer(tcfg, schedule)
-    graphdef, state, state_sh, frozen, frozen_sh = train.init_state(model, tx, mesh)
+    ours, parts, lower, forward = _our_step(model, task.loss, task.logits, host)
     del model
-    step = train.compile_step(graphdef, task.loss, tx, schedule, state_sh, frozen_sh, mesh,
-                              grad_accum=1, seed=TRAIN["seed"])
-    device_batch = sharding.shard_batch(host, mesh)
-    holder = {"state": state}
-
-    def ours() -> float:
-        holder["state"], metrics = step(holder["state"], frozen, device_batch)
-        return float(jax.block_until_ready(metrics["loss"]))
-
-    # Pieces of the step for --profile: the loss alone and loss + gradient.
-    def loss_only(params, batch):
-        model = nnx.merge(graphdef, params, frozen)
-        return task.loss(model, batch, jax.random.key(0))[0]
-
-    # Compiled as the train step is (lib.train's XLA options for this platform).
-    options = train._compiler_options(jax.devices()[0].platform)
-    fwd = jax.jit(loss_only, compiler_options=options)
-    fwd_bwd = jax.jit(jax.grad(loss_only), compiler_options=options)
-    parts = {
-        "forward (loss)": lambda: jax.block_until_ready(fwd(holder["state"]["params"],
-                                                            device_batch)),
-        "forward + backward": lambda: jax.block_until_ready(
-            fwd_bwd(holder["state"]["params"], device_batch)),
-    }
 
     # --- PyTorch
     tb = {k: torch.from_numpy(v.astype(np.int64)) for k, v in host.items()}
     inputs = {k: tb[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
     with torch.no_grad():
         hf_logits = hf_model.eval()(**inputs).logits.numpy()
-    eval_logits = jax.jit(
-        lambda params, b: task.logits(nnx.merge(graphdef, params, frozen), b),
-        compiler_options=options,
-    )
-    diff = float(np.max(np.abs(np.asarray(eval_logits(state["params"], device_batch))
-                                - hf_logits)))
-    hf_model.train()
-    opt, sched = _torch_optimizer(hf_model)
-
-    def torch_step() -> float:
-        out = hf_model(input_ids=tb["input_ids"], attention_mask=tb["attention_mask"],
-                       token_type_ids=tb["token_type_ids"], labels=tb["labels"])
-        out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(hf_model.parameters(), TRAIN["grad_clip"])
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        return float(out.loss.detach())
-
-    lower = lambda: step.lower(holder["state"], frozen, device_batch)
+    diff = float(np.max(np.abs(forward() - hf_logits)))
+    torch_step = _torch_step(hf_model, dict(inputs, labels=tb["labels"]))
     return Pair(f"bert-cls {size}", batch * seq, ours, torch_step, lower, parts, diff)
 
 
+def lm_batch(batch: int, seq: int, vocab: int, seed: int = 0) -> dict[str, np.ndarray]:
+    """SFT rows as ``lib.lm_data`` builds them: a prompt, an answer, right padding (every other
+    row ends a quarter early); ``labels`` are the next tokens of the answer part only."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(10, vocab, size=(batch, seq)).astype(np.int32)
+    lengths = np.where(np.arange(batch) % 2 == 0, seq, seq - seq // 4)
+    prompt = seq // 2
+    mask = (np.arange(seq)[None, :] < lengths[:, None]).astype(np.int32)
+    ids[mask == 0] = 0
+    labels = np.full_like(ids, lm_data.IGNORE)
+    labels[:, prompt - 1 : -1] = ids[:, prompt:]
+    labels[:, :-1][mask[:, 1:] == 0] = lm_data.IGNORE
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def qwen2_sft(size: str, batch: int, seq: int) -> Pair:
+    """Causal-LM SFT (answer-only loss): ``tasks.sft``'s loss in the ``lib.train`` step vs
+    ``Qwen2ForCausalLM`` with ``labels`` (HF shifts them itself; ours are stored shifted)."""
+    hf_cfg = transformers.Qwen2Config(
+        vocab_size=VOCAB, max_position_embeddings=1024, rope_theta=10000.0,
+        tie_word_embeddings=True, **QWEN2_SIZES[size],
+    )
+    torch.manual_seed(0)
+    hf_model = transformers.Qwen2ForCausalLM(hf_cfg)
+    with tempfile.TemporaryDirectory() as tmp:
+        hf_model.save_pretrained(tmp)
+        model, _ = qwen2.load_pretrained(tmp)
+    host = lm_batch(batch, seq, VOCAB)
+    logits_fn = lambda m, b: m(b["input_ids"], b["attention_mask"])[0]
+    ours, parts, lower, forward = _our_step(model, lm_data.lm_loss, logits_fn, host)
+    del model
+
+    tb = {k: torch.from_numpy(v.astype(np.int64)) for k, v in host.items()}
+    # HF labels are unshifted: the token itself at each target position, -100 elsewhere.
+    hf_labels = torch.full_like(tb["labels"], lm_data.IGNORE)
+    hf_labels[:, 1:] = tb["labels"][:, :-1]
+    inputs = {"input_ids": tb["input_ids"], "attention_mask": tb["attention_mask"]}
+    with torch.no_grad():
+        hf_logits = hf_model.eval()(**inputs).logits.numpy()
+    real = host["attention_mask"].astype(bool)  # padded positions' logits are not compared
+    diff = float(np.max(np.abs(forward() - hf_logits)[real]))
+    torch_step = _torch_step(hf_model, dict(inputs, labels=hf_labels))
+    return Pair(f"qwen2-sft {size}", batch * seq, ours, torch_step, lower, parts, diff)
+
+
 # name -> builder(size, batch, seq); a new model/step pair is one more entry.
-PAIRS: dict[str, Callable[[str, int, int], Pair]] = {"bert-cls": bert_classification}
+PAIRS: dict[str, Callable[[str, int, int], Pair]] = {
+    "bert-cls": bert_classification,
+    "qwen2-sft": qwen2_sft,
+}
 
 
 def measure(pair: Pair, steps: int, block: int) -> dict[str, float]:
@@ -322,7 +400,7 @@ def _print_op_table(per_op: dict[str, tuple[float, int]], hlo: str, steps: int, 
 def main() -> None:
     """Parse flags, run every requested size, print the table (or the profile)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--pairs", default="bert-cls", help=f"of {sorted(PAIRS)}")
+    parser.add_argument("--pairs", default=",".join(PAIRS), help=f"of {sorted(PAIRS)}")
     parser.add_argument("--sizes", default="small,base", help=f"of {sorted(SIZES)}")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per side")
     parser.add_argument("--block", type=int, default=1, help="steps per alternation")

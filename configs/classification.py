@@ -14,9 +14,12 @@ Run the demo:
 
   python main.py --config=configs/classification.py --workdir=workdirs/cls
 
-It prints lines like ``global step 100, epoch: 1, loss: 0.41250, speed: 6.10 step/s`` and,
-at each evaluation, ``eval at step 600: accuracy=0.86..., weighted_f1=0.86...``; the metrics
-land in ``workdirs/cls/eval/step_N.json`` (about 0.86 accuracy after ~7 minutes on 2 CPU cores).
+It prints lines like ``global step 100, epoch: 1, loss: 0.52, speed: 2.5 step/s`` and, at each
+evaluation, ``eval at step 900: accuracy=0.8210, weighted_f1=0.8207, ...``; the metrics land in
+``workdirs/cls/eval/step_N.json``. After training the best checkpoint (by dev weighted F1) is
+evaluated on ``data.test``: ``test on data/reviews/test.tsv (step 900): accuracy=0.8380, ...``
+(``eval/test_step_900.json``). About 8.5 minutes on 2 CPU cores. For comparison, a character
+1-3-gram TF-IDF + logistic regression (``benchmarks/baseline_tfidf.py``) scores 0.841 / 0.865.
 """
 
 import ml_collections
@@ -53,6 +56,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.dtype = "float32"
     # Recompute each layer's activations in the backward pass to save memory.
     c.model.remat = False
+    # Classifier input: "cls" (the [CLS] state, as HF; needed for --mode=export) or "mean"
+    # (mean of the last layer over real tokens).
+    c.model.pooling = "mean" if variant == "demo" else "cls"
     # Scratch model: hidden size.
     c.model.hidden_size = 128
     # Scratch model: number of transformer layers.
@@ -71,12 +77,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.train = "data/reviews/train.tsv"
     # Held-out file evaluated during training (model selection).
     c.data.eval = "data/reviews/dev.tsv"
-    # Test file, for `--mode=eval --config.data.eval=...`.
+    # Test file: after training the best checkpoint is evaluated on it (eval/test_step_N.json);
+    # empty: skip.
     c.data.test = "data/reviews/test.tsv"
     # Label names, one per line, line i = label id i.
     c.data.labels = "data/reviews/labels.txt"
     # Tokens per example, [CLS] and [SEP] included (longer texts are truncated).
-    c.data.max_length = 128
+    c.data.max_length = 192
+    # Which part of a longer text is kept: "head" (the beginning) or "head_tail" (the first
+    # quarter and the last three quarters of the budget).
+    c.data.truncation = "head_tail"
 
     c.loss = ml_collections.ConfigDict()
     # Focal loss exponent; 0 is plain cross-entropy.
@@ -118,13 +128,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     c.checkpoint = ml_collections.ConfigDict()
     # Save every this many steps (evaluations also save).
-    c.checkpoint.every = 400
+    c.checkpoint.every = 300
     # Latest checkpoints kept (the best by eval.best_metric is kept as well).
     c.checkpoint.keep = 2
 
     c.eval = ml_collections.ConfigDict()
     # Evaluate every this many steps (and at the end).
-    c.eval.every = 400
+    c.eval.every = 300
     # Metric that picks the best checkpoint.
     c.eval.best_metric = "weighted_f1"
     # Whether a larger (max) or smaller (min) best_metric is better.

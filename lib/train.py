@@ -250,9 +250,12 @@ def _compiler_options(platform: str) -> dict | None:
 # ----------------------------------------------------------------------------- evaluation
 
 
-def write_eval(workdir: Path, step: int, metrics: dict, samples: list | None) -> Path:
-    """Write ``workdir/eval/step_N.json`` (atomically) and return its path."""
-    out = workdir / "eval" / f"step_{step}.json"
+def write_eval(
+    workdir: Path, step: int, metrics: dict, samples: list | None, name: str = ""
+) -> Path:
+    """Write ``workdir/eval/step_N.json`` (``NAME_step_N.json`` for another split than the
+    training run's eval split) atomically and return its path."""
+    out = workdir / "eval" / (f"{name}_step_{step}.json" if name else f"step_{step}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".json.tmp")
     payload = {"step": step, "metrics": metrics, "samples": samples or []}
@@ -424,10 +427,22 @@ def train(config, workdir: str | os.PathLike, task) -> dict[str, float]:
     if total_steps == start and start > 0 and not last_eval:
         last_eval = evaluate(start)
     best = ckpt.best_step()
-    ckpt.close()
-    monitor.close()
     if best is not None:
         print(f"best checkpoint: step {best} by {config.eval.best_metric}", flush=True)
+    test_path = config.data.get("test") if hasattr(task, "test_dataset") else None
+    if test_path and not preempt.requested and jax.process_index() == 0:
+        # The held-out number: the checkpoint chosen on the eval split, on the test split.
+        step = best or ckpt.latest_step()
+        params = ckpt.restore(step, {"params": state["params"]})["params"]
+        metrics, samples = task.evaluate(
+            nnx.merge(graphdef, params, frozen), task.test_dataset(config, tokenizer)
+        )
+        metrics = {k: float(v) for k, v in metrics.items()}
+        write_eval(workdir, step, metrics, samples, name=Path(test_path).stem)
+        shown = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items())
+        print(f"test on {test_path} (step {step}): {shown}", flush=True)
+    ckpt.close()
+    monitor.close()
     return last_eval
 
 

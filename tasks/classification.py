@@ -26,6 +26,24 @@ from lib.tokenizer import CharVocab, load_hf_tokenizer
 TOKENIZER_DIR = "tokenizer"
 
 
+TRUNCATIONS = ("head", "head_tail")
+
+
+def clip_text(text: str, max_length: int, truncation: str) -> str:
+    """A text to encode in ``max_length`` tokens ([CLS] and [SEP] included).
+
+    ``head`` leaves it to the tokenizer, which keeps the beginning. ``head_tail`` keeps the
+    first quarter and the last three quarters of the character budget of a long text: reviews
+    often end with their verdict (one character per token, exact for character vocabularies
+    and for Chinese text under BERT tokenizers; the tokenizer still truncates what is left).
+    """
+    budget = max_length - 2
+    if truncation == "head" or len(text) <= budget:
+        return text
+    head = budget // 4
+    return text[:head] + text[len(text) - (budget - head):]
+
+
 def read_labels(path: str) -> list[str]:
     """Label names, one per line; line i names label id i."""
     p = Path(path)
@@ -64,6 +82,7 @@ def scratch_config(config, vocab_size: int, num_labels: int) -> bert.BertConfig:
         num_labels=num_labels,
         dtype=m.dtype,
         remat=m.remat,
+        pooling=m.pooling,
     )
 
 
@@ -74,6 +93,11 @@ class Task:
         """``(model, tokenizer)``: pretrained from ``model.path``, else from scratch."""
         self.labels = read_labels(config.data.labels)
         self.max_length = int(config.data.max_length)
+        self.truncation = config.data.get("truncation", "head")
+        if self.truncation not in TRUNCATIONS:
+            raise UserError(
+                f"config.data.truncation={self.truncation!r}: choose one of {TRUNCATIONS}"
+            )
         self.eval_batch_size = int(config.eval.batch_size)
         m = config.model
         self.focal_gamma = float(config.loss.focal_gamma)
@@ -87,7 +111,7 @@ class Task:
         if m.path:
             model, self.model_config = bert.load_pretrained(
                 m.path, bert.BertForSequenceClassification,
-                num_labels=len(self.labels), dtype=jnp.dtype(m.dtype), seed=config.train.seed,
+                num_labels=len(self.labels), dtype=jnp.dtype(m.dtype), pooling=m.pooling,
             )
             tokenizer = load_hf_tokenizer(m.path)
         else:
@@ -111,6 +135,7 @@ class Task:
 
     def encode(self, tokenizer, texts: list[str]) -> dict[str, np.ndarray]:
         """Token ids, attention mask and segment ids, padded to ``data.max_length``."""
+        texts = [clip_text(t, self.max_length, self.truncation) for t in texts]
         enc = tokenizer(
             texts, max_length=self.max_length, truncation=True, padding="max_length",
             return_tensors="np",
@@ -133,6 +158,10 @@ class Task:
         train = self._dataset(tokenizer, config.data.train, "data.train")
         evald = self._dataset(tokenizer, config.data.eval, "data.eval")
         return train, evald
+
+    def test_dataset(self, config, tokenizer) -> ArrayDataset:
+        """``data.test``: the trainer evaluates the best checkpoint on it after training."""
+        return self._dataset(tokenizer, config.data.test, "data.test")
 
     def logits(self, model, batch, rngs=None) -> jax.Array:
         """Classifier logits ``[b, num_labels]``."""

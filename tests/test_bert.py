@@ -304,3 +304,26 @@ def test_logical_axes():
     assert axes[layer + "output.dense.kernel"] == ("mlp", "embed")
     assert axes["classifier.kernel"] == ("embed", None)
     assert all(a is not None for a in axes.values())
+
+
+def test_mean_pooling_classifier(cls_checkpoint, tmp_path):
+    """pooling="mean": HF's encoder output averaged over real tokens, then HF's pooler dense +
+    tanh and classifier; such a model refuses HF export (HF's classifier reads [CLS])."""
+    model, _ = bert.load_pretrained(cls_checkpoint, pooling="mean")
+    hf_model = transformers.BertForSequenceClassification.from_pretrained(cls_checkpoint).eval()
+    batch = _batch()
+    inputs = {k: torch.tensor(batch[k]) for k in ("input_ids", "attention_mask", "token_type_ids")}
+    with torch.no_grad():
+        hidden = hf_model.bert(**inputs).last_hidden_state
+        m = inputs["attention_mask"][..., None].float()
+        mean = (hidden * m).sum(1) / m.sum(1)
+        want = hf_model.classifier(torch.tanh(hf_model.bert.pooler.dense(mean))).numpy()
+    got = _our_outputs(model, {k: v for k, v in batch.items() if k != "task_type_ids"})[0]
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    # Not the [CLS] logits: the option changes the model.
+    assert np.max(np.abs(got - _hf_outputs(hf_model, batch)[0])) > 1e-3
+    with pytest.raises(UserError, match="pools with 'mean'"):
+        bert.export_pretrained(model, bert.BertConfig.from_hf(hf.read_config(cls_checkpoint)),
+                               tmp_path / "out")
+    with pytest.raises(UserError, match="pooling must be"):
+        bert.load_pretrained(cls_checkpoint, pooling="max")

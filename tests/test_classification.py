@@ -10,7 +10,7 @@ from configs import classification as cls_config
 from lib import train
 from lib.data import ArrayDataset
 from lib.errors import UserError
-from tasks.classification import Task
+from tasks.classification import Task, clip_text
 
 LABELS = ["负面", "正面"]
 
@@ -98,6 +98,31 @@ def test_unknown_focal_weights_length_is_an_error(data_dir, tmp_path):
     config = tiny_config(data_dir, tmp_path)
     config.loss.class_weights = (1.0, 2.0, 3.0)
     with pytest.raises(UserError, match="class_weights has 3 values for 2 labels"):
+        Task().build(config)
+
+
+def test_head_tail_truncation(data_dir, tmp_path):
+    text = "".join(chr(0x4E00 + i) for i in range(40))  # 40 distinct characters
+    assert clip_text(text, 42, "head_tail") == text  # fits: unchanged
+    assert clip_text(text, 18, "head") == text  # the tokenizer truncates
+    # Budget 16 = 18 - [CLS] - [SEP]: the first 4 and the last 12 characters.
+    assert clip_text(text, 18, "head_tail") == text[:4] + text[-12:]
+
+    config = tiny_config(data_dir, tmp_path)
+    config.data.truncation = "head_tail"
+    task = Task()
+    _, tok = task.build(config)
+    review = "质量很好" * 5 + "做工粗糙"  # 24 characters, budget 14: 3 from the head, 11 the tail
+    ids = task.encode(tok, [review])["input_ids"][0]
+    assert review[:3] + review[-11:] == "质量很" + "量很好质量很好做工粗糙"
+    want = tok([review[:3] + review[-11:]], max_length=16, truncation=True,
+               padding="max_length", return_tensors="np")["input_ids"][0]
+    np.testing.assert_array_equal(ids, want)
+    assert list(ids[:2]) == [tok.cls_id, tok.convert_tokens_to_ids("质")]
+    assert tok.convert_ids_to_tokens(int(ids[15])) == "[SEP]"
+
+    config.data.truncation = "middle"
+    with pytest.raises(UserError, match="data.truncation='middle'"):
         Task().build(config)
 
 

@@ -32,6 +32,7 @@ def tiny_flags(data: Path, workdir: Path, **overrides) -> list[str]:
     flags = {
         "data.train": data / "train.tsv",
         "data.eval": data / "dev.tsv",
+        "data.test": data / "dev.tsv",
         "model.hidden_size": 32,
         "model.num_layers": 1,
         "model.num_heads": 2,
@@ -64,6 +65,12 @@ def env() -> dict:
 def run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True,
                           timeout=300, **kw)
+
+
+def best_step(workdir: Path) -> int:
+    """The step of the best checkpoint: the one evaluated on data.test after training."""
+    (test_json,) = workdir.glob("eval/dev_step_*.json")
+    return int(test_json.stem.rsplit("_", 1)[1])
 
 
 def final_params(workdir: Path) -> dict:
@@ -158,11 +165,21 @@ def test_tensorboard_events_and_plots(reference):
 
 
 def test_eval_predict_export_modes(data, reference):
+    # After training, the best checkpoint was evaluated on data.test (here the dev file again:
+    # the same numbers as that step's own evaluation).
+    best = best_step(reference)
+    assert best in (12, STEPS)
+    step_json = json.loads((reference / f"eval/step_{best}.json").read_text())
+    test_json = json.loads((reference / f"eval/dev_step_{best}.json").read_text())
+    assert test_json["metrics"] == step_json["metrics"]
+
     result = run(tiny_flags(data, reference) + ["--mode=eval"])
     assert result.returncode == 0, result.stderr[-2000:]
-    step_json = json.loads((reference / f"eval/step_{STEPS}.json").read_text())
     line = next(ln for ln in result.stdout.splitlines() if ln.startswith("eval of step"))
-    assert json.loads(line.split(": ", 1)[1])["accuracy"] == step_json["metrics"]["accuracy"]
+    assert line.startswith(f"eval of step {best}:")
+    assert json.loads(line.split(": ", 1)[1]) == step_json["metrics"]
+    # --mode=eval writes eval/<split>_step_N.json and leaves the run's step_N.json alone.
+    assert json.loads((reference / f"eval/step_{best}.json").read_text()) == step_json
 
     result = run(tiny_flags(data, reference) + ["--mode=predict"], input="质量很好\n太差了\n")
     assert result.returncode == 0, result.stderr[-2000:]
@@ -184,6 +201,23 @@ def test_eval_predict_export_modes(data, reference):
     # The exported model reproduces our prediction (the char vocab is a valid BERT vocab).
     assert abs(float(probs.max()) - preds[0]["prob"]) < 1e-4
     assert hf.config.id2label[int(probs.argmax())] == preds[0]["label"]
+
+
+def test_fine_tune_from_hf_directory(data, reference, tmp_path):
+    """``model.path`` = an HF classifier directory (the export above, with its vocab.txt):
+    weights and tokenizer load, and with lr 0 the run's evaluation equals the source run's."""
+    if not (reference / "export" / "config.json").exists():
+        assert run(tiny_flags(data, reference) + ["--mode=export"]).returncode == 0
+    result = run(tiny_flags(data, tmp_path, **{
+        "model.path": reference / "export", "train.steps": 2, "train.lr": 0.0,
+        "eval.every": 2, "checkpoint.every": 2,
+    }))
+    assert result.returncode == 0, result.stderr[-2000:]
+    got = json.loads((tmp_path / "eval/step_2.json").read_text())["metrics"]
+    want = json.loads((reference / f"eval/step_{best_step(reference)}.json").read_text())
+    want = want["metrics"]
+    assert got["accuracy"] == want["accuracy"]
+    assert abs(got["weighted_f1"] - want["weighted_f1"]) < 1e-12
 
 
 def one_line_error(result: subprocess.CompletedProcess, *needles: str) -> str:

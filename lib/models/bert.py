@@ -76,6 +76,10 @@ class BertConfig:
     dtype: Any = jnp.float32
     # Recompute each encoder layer in the backward pass (less memory, ~1/3 more compute).
     remat: bool = False
+    # What the classifier's pooler reads: "cls" (the [CLS] state, as HF) or "mean" (the mean of
+    # the last layer over real tokens; converges faster when training from scratch). Not an HF
+    # field: only "cls" models export to an HF classifier.
+    pooling: str = "cls"
     # The other keys of the source config.json, written back unchanged by to_hf.
     hf_extra: dict = dataclasses.field(default_factory=dict, repr=False)
 
@@ -93,7 +97,8 @@ class BertConfig:
                 f"config.json has position_embedding_type {cfg['position_embedding_type']!r}; "
                 "only 'absolute' position embeddings are supported"
             )
-        names = {f.name for f in dataclasses.fields(cls)} - {"hf_extra", "dtype", "remat"}
+        ours_only = {"hf_extra", "dtype", "remat", "pooling"}
+        names = {f.name for f in dataclasses.fields(cls)} - ours_only
         kwargs = {k: cfg[k] for k in names if k in cfg and cfg[k] is not None}
         kwargs["model_type"] = model_type
         if "id2label" in cfg and "num_labels" not in cfg:
@@ -139,7 +144,7 @@ class BertConfig:
         ``Bert<head>`` / ``Ernie<head>`` (head: ``Model``, ``ForMaskedLM``, ...)."""
         out = {k: v for k, v in self.hf_extra.items() if k not in _REWRITTEN_HF_KEYS}
         for f in dataclasses.fields(self):
-            if f.name not in ("hf_extra", "dtype", "remat", "num_labels", "use_task_id",
+            if f.name not in ("hf_extra", "dtype", "remat", "pooling", "num_labels", "use_task_id",
                               "task_type_vocab_size"):
                 out[f.name] = getattr(self, f.name)
         if self.model_type == "ernie":
@@ -444,6 +449,9 @@ class BertForSequenceClassification(nnx.Module):
             cfg.hidden_dropout_prob if cfg.classifier_dropout is None else cfg.classifier_dropout
         )
         self.hf_prefix = cfg.hf_prefix
+        if cfg.pooling not in ("cls", "mean"):
+            raise UserError(f"pooling must be 'cls' or 'mean', got {cfg.pooling!r}")
+        self.pooling = cfg.pooling
 
     def __call__(
         self,
@@ -455,9 +463,22 @@ class BertForSequenceClassification(nnx.Module):
         rngs: nnx.Rngs | None = None,
     ) -> jax.Array:
         """Class logits ``[b, num_labels]`` (fp32)."""
-        _, pooled = self.bert(
-            input_ids, attention_mask, token_type_ids, task_type_ids, rngs=rngs, first_only=True
-        )
+        if self.pooling == "mean":
+            x, _ = self.bert(input_ids, attention_mask, token_type_ids, task_type_ids, rngs=rngs)
+            weight = (
+                jnp.ones(input_ids.shape, x.dtype)
+                if attention_mask is None
+                else attention_mask.astype(x.dtype)
+            )
+            mean = jnp.einsum("bth,bt->bh", x, weight) / jnp.maximum(
+                jnp.sum(weight, axis=1, keepdims=True), 1.0
+            )
+            pooled = jnp.tanh(self.bert.pooler.dense(mean))
+        else:
+            _, pooled = self.bert(
+                input_ids, attention_mask, token_type_ids, task_type_ids, rngs=rngs,
+                first_only=True,
+            )
         pooled = layers.dropout(pooled, self.dropout_rate, rngs)
         return self.classifier(pooled).astype(jnp.float32)
 
@@ -572,6 +593,12 @@ def export_pretrained(
     max_shard_bytes: int = 5 * 1024**3,
 ) -> Path:
     """Write ``model`` as an HF directory that ``transformers`` ``from_pretrained`` loads."""
+    if getattr(model, "pooling", "cls") != "cls":
+        raise UserError(
+            f"this classifier pools with {model.pooling!r}; HF's BertForSequenceClassification "
+            "reads [CLS], so exporting it would change its predictions (train with "
+            "--config.model.pooling=cls to export)"
+        )
     state = hf.state_of(model, model.ours_to_hf)
     return hf.save_pretrained(
         state, cfg.to_hf(model.hf_head), out_dir, tokenizer=tokenizer,
