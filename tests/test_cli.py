@@ -33,6 +33,7 @@ def tiny_flags(data: Path, workdir: Path, **overrides) -> list[str]:
         "data.train": data / "train.tsv",
         "data.eval": data / "dev.tsv",
         "data.test": data / "dev.tsv",
+        "model.pooling": "cls",  # the [CLS] head exports to an HF classifier
         "model.hidden_size": 32,
         "model.num_layers": 1,
         "model.num_heads": 2,

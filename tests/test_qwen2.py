@@ -262,3 +262,29 @@ def test_bfloat16_compute_stays_close(untied):
     diff = np.abs(np.asarray(ours) - expected)[mask.astype(bool)].max()
     print(f"bf16 compute vs fp32 HF: {diff:.3f} (logit scale {np.abs(expected).max():.2f})")
     assert diff <= 0.05 * np.abs(expected).max()
+
+
+def test_tied_logits_gradient_equals_autodiff():
+    """``layers.tied_logits`` (custom backward) has the gradients of plain ``x @ table.T``."""
+    from lib.models import layers
+
+    emb = layers.embedding(50, 8, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.key(1), (3, 5, 8))
+    w = jax.random.normal(jax.random.key(2), (3, 5, 50))
+
+    graphdef, state = nnx.split(emb)
+
+    def ours(x, table):
+        fresh = nnx.merge(graphdef, jax.tree.map(lambda _: table, state))  # one leaf: the table
+        return jnp.sum(layers.tied_logits(x, fresh) * w)
+
+    def plain(x, table):
+        return jnp.sum(jnp.dot(x, table.T) * w)
+
+    table = emb.embedding[...]
+    got = jax.grad(ours, argnums=(0, 1))(x, table)
+    want = jax.grad(plain, argnums=(0, 1))(x, table)
+    for g, e in zip(got, want):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(e), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(layers.tied_logits(x, emb)),
+                               np.asarray(emb.attend(x)), rtol=1e-6, atol=1e-6)

@@ -402,7 +402,7 @@ class BertForMaskedLM(nnx.Module):
         x, _ = self.bert(input_ids, attention_mask, token_type_ids, task_type_ids, rngs=rngs)
         tr = self.cls.predictions.transform
         x = tr.LayerNorm(layers.ACTIVATIONS[self.act](tr.dense(x)))
-        logits = self.bert.embeddings.word_embeddings.attend(x)
+        logits = layers.tied_logits(x, self.bert.embeddings.word_embeddings)
         return logits.astype(jnp.float32) + self.cls.predictions.bias[...]
 
     def hf_to_ours(self, state: StateDict) -> StateDict:

@@ -54,6 +54,7 @@ from lib.models.layers import (
     dense,
     embedding,
     rotary_cos_sin,
+    tied_logits,
 )
 from lib.models.prefix import Prefix, prepend
 
@@ -440,7 +441,7 @@ class GlmForCausalLM(nnx.Module):
             x, cache = run(layer, x, cos, sin, mask, cache, prefix_kv, rngs)
         x = self.model.norm(x)
         if self.config.tie_word_embeddings:
-            logits = self.model.embed_tokens.attend(x)
+            logits = tied_logits(x, self.model.embed_tokens)
         else:
             logits = self.lm_head(x, rngs=rngs)
         if cache is not None:

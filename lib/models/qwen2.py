@@ -35,6 +35,7 @@ from lib.models.layers import (
     dense,
     embedding,
     rotary_cos_sin,
+    tied_logits,
 )
 from lib.models.prefix import Prefix, prepend
 
@@ -362,7 +363,7 @@ class Qwen2ForCausalLM(nnx.Module):
                 x = _layer_without_cache(layer, x, cos, sin, mask, rngs, prefix_kv)
         x = self.model.norm(x)
         if cfg.tie_word_embeddings:
-            logits = self.model.embed_tokens.attend(x)
+            logits = tied_logits(x, self.model.embed_tokens)
         else:
             logits = self.lm_head(x, rngs=rngs)
         if cache is not None:
