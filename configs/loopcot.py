@@ -24,14 +24,14 @@ sampled decodings (``untrained`` = the model before training, 5 decodings):
   run                     part           ROUGE-1       ROUGE-2       ROUGE-L        BLEU-4
   untrained               generation     0.13 ± 0.06   0.00 ± 0.00   0.11 ± 0.06   0.17 ± 0.04
   untrained               appreciation   0.25 ± 0.21   0.00 ± 0.00   0.20 ± 0.17   0.26 ± 0.04
-  single_generation       generation    16.88 ± 0.59   0.07 ± 0.18  22.64 ± 0.52   0.98 ± 0.11
+  single_generation       generation    16.32 ± 0.41   0.12 ± 0.19  21.46 ± 0.58   1.18 ± 0.18
   single_appreciation     appreciation  18.60 ± 0.63   0.69 ± 0.27  20.94 ± 0.31   1.10 ± 0.08
-  mix                     generation    16.54 ± 0.85   0.05 ± 0.11  22.31 ± 1.20   0.97 ± 0.16
-  mix                     appreciation  14.88 ± 0.55   0.36 ± 0.19  19.17 ± 0.52   1.03 ± 0.10
+  mix                     generation    16.63 ± 0.73   0.05 ± 0.11  22.15 ± 1.28   0.93 ± 0.15
+  mix                     appreciation  15.16 ± 0.56   0.25 ± 0.13  18.74 ± 0.78   0.87 ± 0.09
 
 and where the plots (``plots/generation_result.png``, ``plots/appreciation_result.png``) and
-``summary.json`` are. 12 minutes on 2 CPU cores shared with other jobs (load ~6.6); less on
-a quiet machine. A scratch character model learns the verse shape (5/7-character lines and
+``summary.json`` are. About 5 minutes on 2 idle CPU cores, compilation included; more on a
+busy machine. A scratch character model learns the verse shape (5/7-character lines and
 their punctuation) and common characters, which is what these ROUGE-1 scores reward; it
 does not learn to write or appreciate poems.
 """
