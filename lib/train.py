@@ -355,10 +355,12 @@ def train(config, workdir: str | os.PathLike, task) -> dict[str, float]:
         grad_accum=int(tcfg.get("grad_accum", 1)), seed=int(tcfg.seed),
     )
 
+    def score(params, data) -> tuple[dict[str, float], list]:
+        metrics, samples = task.evaluate(nnx.merge(graphdef, params, frozen), data)
+        return {k: float(v) for k, v in metrics.items()}, samples
+
     def evaluate(step: int) -> dict[str, float]:
-        model = nnx.merge(graphdef, state["params"], frozen)
-        metrics, samples = task.evaluate(model, eval_data)
-        metrics = {k: float(v) for k, v in metrics.items()}
+        metrics, samples = score(state["params"], eval_data)
         write_eval(workdir, step, metrics, samples)
         monitor.log_eval(step, metrics, samples)
         return metrics
@@ -434,10 +436,7 @@ def train(config, workdir: str | os.PathLike, task) -> dict[str, float]:
         # The held-out number: the checkpoint chosen on the eval split, on the test split.
         step = best or ckpt.latest_step()
         params = ckpt.restore(step, {"params": state["params"]})["params"]
-        metrics, samples = task.evaluate(
-            nnx.merge(graphdef, params, frozen), task.test_dataset(config, tokenizer)
-        )
-        metrics = {k: float(v) for k, v in metrics.items()}
+        metrics, samples = score(params, task.test_dataset(config, tokenizer))
         write_eval(workdir, step, metrics, samples, name=Path(test_path).stem)
         shown = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items())
         print(f"test on {test_path} (step {step}): {shown}", flush=True)

@@ -346,11 +346,11 @@ class BertModel(nnx.Module):
         x = self.embeddings(input_ids, token_type_ids, task_type_ids, rngs=rngs)
         run = _run_layer_remat if self.remat else _run_layer
         stack = list(self.encoder.layer)
-        for i, layer in enumerate(stack):
-            if first_only and i == len(stack) - 1:
-                x = layer(x, mask, rngs=rngs, queries=1)
-            else:
-                x = run(layer, x, mask, rngs)
+        for layer in stack[:-1] if first_only else stack:
+            x = run(layer, x, mask, rngs)
+        if first_only:
+            # Not rematerialized even with remat: one query row has little to keep.
+            x = stack[-1](x, mask, rngs=rngs, queries=1)
         pooled = jnp.tanh(self.pooler.dense(x[:, 0])) if self.has_pooler else None
         return x, pooled
 
