@@ -24,11 +24,12 @@ a load average below the core count, or pin both to one core with ``--cores 1``.
 
     .venv/bin/python benchmarks/train_step.py [--sizes small,base] [--steps 10] [--batch N]
                                               [--seq 128] [--cores N]
-    .venv/bin/python benchmarks/train_step.py --profile [--cores 1] [--trace DIR]
+    .venv/bin/python benchmarks/train_step.py --profile [--sizes base] [--cores 1] [--trace DIR]
 
-``--profile`` (small size) prints XLA's cost analysis of the compiled step, the time of the
-forward pass, of forward + backward and of the whole step, then the step's time per kind of XLA
-op and its heaviest ops, from a ``jax.profiler`` trace (``--trace DIR`` keeps it for Perfetto).
+``--profile`` (at the small size unless ``--sizes`` names others) prints XLA's cost analysis of
+the compiled step, the time of the forward pass, of forward + backward and of the whole step,
+then the step's time per kind of XLA op and its heaviest ops, from a ``jax.profiler`` trace
+(``--trace DIR`` keeps it for Perfetto).
 Matmuls on XLA's Eigen path run asynchronously on its thread pool and their trace spans
 undercount them; ``--cores 1`` gives a complete per-op account.
 
@@ -401,7 +402,8 @@ def main() -> None:
     """Parse flags, run every requested size, print the table (or the profile)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", default=",".join(PAIRS), help=f"of {sorted(PAIRS)}")
-    parser.add_argument("--sizes", default="small,base", help=f"of {sorted(SIZES)}")
+    parser.add_argument("--sizes", default=None,
+                        help=f"of {sorted(SIZES)} (default small,base; small with --profile)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per side")
     parser.add_argument("--block", type=int, default=1, help="steps per alternation")
     parser.add_argument("--batch", type=int, default=None,
@@ -410,7 +412,7 @@ def main() -> None:
     parser.add_argument("--cores", type=int, default=None,
                         help="pin the process to this many cores (default: all)")
     parser.add_argument("--profile", action="store_true",
-                        help="profile our step at the small size instead of comparing")
+                        help="profile our step instead of comparing")
     parser.add_argument("--trace", default=None, help="with --profile: jax.profiler trace dir")
     parser.add_argument("--top", type=int, default=15, help="with --profile: rows per table")
     args = parser.parse_args()
@@ -426,7 +428,7 @@ def main() -> None:
           f"({torch.get_num_threads()} threads); XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
     rows = []
     for pair_name in args.pairs.split(","):
-        for size in (["small"] if args.profile else args.sizes.split(",")):
+        for size in (args.sizes or ("small" if args.profile else "small,base")).split(","):
             batch = args.batch or DEFAULT_BATCH[size]
             pair = PAIRS[pair_name](size, batch, args.seq)
             if args.profile:

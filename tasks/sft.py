@@ -317,6 +317,8 @@ class Task:
 
             lora.export_peft(
                 model, out_dir, m.get("hub_id") or m.path, targets=tuple(m.lora.targets),
+                # A ChatGLM2/3 base gets THUDM's module names (fused query_key_value).
+                base_config=hf.read_config(m.path) if m.path else None,
             )
             return
         module = qwen2 if self.family == "qwen2" else glm

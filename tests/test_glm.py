@@ -140,10 +140,11 @@ def test_export_reloads_in_transformers(hf_dir, ours, tmp_path):
     assert np.abs(got - ref)[mask == 1].max() <= 1e-5
 
 
-def _chatglm_state_from_torch(model) -> dict:
-    """THUDM's ChatGLM2 names written out by hand from the HF GLM weights (independent of
-    ``ours_to_chatglm``): qkv rows are [q | k | v], dense_h_to_4h rows are [gate | up]."""
-    sd = {k: v.numpy() for k, v in model.state_dict().items()}
+def chatglm_state(sd: dict[str, np.ndarray], multi_query: bool = True) -> dict[str, np.ndarray]:
+    """THUDM's ChatGLM2 names and fused layouts written out by hand from HF GLM weights
+    (independent of ``ours_to_chatglm``): query_key_value rows are ``[q | k | v]`` with
+    multi-query attention and ``[q_h | k_h | v_h]`` for each head h without; dense_h_to_4h
+    rows are ``[gate | up]`` (HF GLM's gate_up_proj already)."""
     out = {
         "transformer.embedding.word_embeddings.weight": sd["model.embed_tokens.weight"],
         "transformer.encoder.final_layernorm.weight": sd["model.norm.weight"],
@@ -152,9 +153,13 @@ def _chatglm_state_from_torch(model) -> dict:
     for i in range(LAYERS):
         src, dst = f"model.layers.{i}.", f"transformer.encoder.layers.{i}."
         for leaf in ("weight", "bias"):
-            out[dst + f"self_attention.query_key_value.{leaf}"] = np.concatenate(
-                [sd[src + f"self_attn.{p}_proj.{leaf}"] for p in "qkv"]
-            )
+            q, k, v = (sd[f"{src}self_attn.{p}_proj.{leaf}"] for p in "qkv")
+            if multi_query:
+                fused = np.concatenate([q, k, v])
+            else:
+                heads = [slice(h * HEAD_DIM, (h + 1) * HEAD_DIM) for h in range(HEADS)]
+                fused = np.concatenate([x[s] for s in heads for x in (q, k, v)])
+            out[f"{dst}self_attention.query_key_value.{leaf}"] = fused
         out[dst + "self_attention.dense.weight"] = sd[src + "self_attn.o_proj.weight"]
         out[dst + "mlp.dense_h_to_4h.weight"] = sd[src + "mlp.gate_up_proj.weight"]
         out[dst + "mlp.dense_4h_to_h.weight"] = sd[src + "mlp.down_proj.weight"]
@@ -165,7 +170,7 @@ def _chatglm_state_from_torch(model) -> dict:
 
 def test_chatglm2_checkpoint_loads_with_equal_logits(hf_dir, ours, tmp_path):
     model, config = ours
-    expected = _chatglm_state_from_torch(hf_dir[1])
+    expected = chatglm_state({k: v.numpy() for k, v in hf_dir[1].state_dict().items()})
     converted = glm.ours_to_chatglm(hf.state_of(model), config)
     assert sorted(converted) == sorted(expected)
     for name, value in expected.items():

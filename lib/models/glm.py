@@ -178,7 +178,7 @@ class GlmConfig:
     @staticmethod
     def _chatglm_fields(cfg: dict) -> dict:
         heads = cfg["num_attention_heads"]
-        groups = cfg["multi_query_group_num"] if _chatglm_multi_query(cfg) else heads
+        groups = cfg["multi_query_group_num"] if chatglm_multi_query(cfg) else heads
         return dict(
             vocab_size=cfg["padded_vocab_size"],
             hidden_size=cfg["hidden_size"],
@@ -250,7 +250,9 @@ class GlmConfig:
         }
 
 
-def _chatglm_multi_query(cfg: dict) -> bool:
+def chatglm_multi_query(cfg: dict) -> bool:
+    """Whether a ChatGLM2/3 ``config.json`` dict uses grouped (multi-query) attention, which
+    also decides the row layout of its fused ``query_key_value``."""
     # Missing keys take the defaults of THUDM's ChatGLMConfig (released configs set them all).
     return bool(cfg.get("multi_query_attention", False))
 
@@ -581,7 +583,7 @@ def load_pretrained(
     model = nnx.eval_shape(lambda: GlmForCausalLM(config, rngs=nnx.Rngs(0)))
     if hf_config.get("model_type") == "chatglm":
         transform = functools.partial(
-            chatglm_to_ours, config=config, multi_query=_chatglm_multi_query(hf_config)
+            chatglm_to_ours, config=config, multi_query=chatglm_multi_query(hf_config)
         )
     else:
         transform = functools.partial(glm_to_ours, config=config)

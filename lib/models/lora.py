@@ -12,7 +12,9 @@ the adapters to the optimizer (``lib.train.init_state``); everything else travel
 Two ways out: ``merge_lora`` folds the adapters into the base kernels and puts the plain
 Linear back (parameter paths and HF names are those of the original model again, so the
 family's ``export_pretrained`` works unchanged); ``export_peft`` writes an adapter directory
-that ``peft.PeftModel.from_pretrained`` loads onto the HF PyTorch model.
+that ``peft.PeftModel.from_pretrained`` loads onto the HF PyTorch model, named after our modules
+(the HF names of Qwen2 and HF ``glm``) or, for a ChatGLM2/3 base, after THUDM's module tree with
+the q/k/v adapters fused into one ``query_key_value`` adapter.
 
 Dropout on the adapter input follows the project's rule: an ``nnx.Rngs`` passed at call time
 (``LoRALinear(x, rngs=rngs)``), None meaning deterministic.
@@ -33,14 +35,14 @@ from flax import nnx
 
 from lib import hf
 from lib.errors import UserError
-from lib.models import layers
+from lib.models import glm, layers
 
 GraphPath = tuple  # an NNX graph path such as ('model', 'layers', 0, 'self_attn', 'q_proj')
 
 # Target names of other checkpoints' module trees that our ports split or rename.
 _TARGET_HINTS = {
     "query_key_value": "ChatGLM's fused query_key_value is split into q_proj, k_proj, v_proj "
-    "by lib.models.glm: target those",
+    "by lib.models.glm: target those (export_peft fuses them back for a ChatGLM base)",
 }
 
 
@@ -256,6 +258,94 @@ def _check_same(given, actual, what: str):
     return actual
 
 
+def _hf_adapter(
+    model: nnx.Module, adapters: dict[str, LoRALinear], targets: Sequence[str] | None
+) -> tuple[dict[str, np.ndarray], list[str]]:
+    """PEFT tensors named after our module paths and the ``target_modules`` list."""
+    target_modules = list(adapters)
+    if targets is not None:
+        targets = [targets] if isinstance(targets, str) else list(targets)
+        plain, adapted = _linears(model)
+        every = [_dotted(p) for p in plain + adapted]
+        selected = sorted(d for d in every if any(_matches(t, d) for t in targets))
+        # PEFT matches plain names by the same suffix rule; anything else is listed exactly.
+        if all(re.fullmatch(r"[\w.]+", t) for t in targets) and selected == sorted(adapters):
+            target_modules = sorted(set(targets))
+    tensors = {}
+    for path, module in adapters.items():
+        prefix = f"base_model.model.{path}"
+        tensors[f"{prefix}.lora_A.weight"] = np.asarray(module.lora_a[...], np.float32).T
+        tensors[f"{prefix}.lora_B.weight"] = np.asarray(module.lora_b[...], np.float32).T
+    return tensors, target_modules
+
+
+_QKV = ("q_proj", "k_proj", "v_proj")
+
+
+def _chatglm_adapter(
+    model: nnx.Module, adapters: dict[str, LoRALinear], multi_query: bool
+) -> tuple[dict[str, np.ndarray], list[str], int]:
+    """PEFT tensors for THUDM's ChatGLM2/3 module tree, its ``target_modules`` and the rank.
+
+    Adapters ``(a_q, b_q)``, ``(a_k, b_k)``, ``(a_v, b_v)`` of rank r on the split q/k/v are
+    exactly one adapter of rank 3r on the fused ``query_key_value``: A stacks the three A's
+    along the rank axis, B is block-diagonal (``b_q`` writes only the q rows, ...). A
+    projection without an adapter is a zero block. The B blocks are fused by
+    ``glm.ours_to_chatglm``, which also renames every module, so the qkv row layout (multi-query
+    ``[q | k | v]`` or per head) has one source of truth. Every module is zero-padded to the
+    largest rank, which is exact, so that one ``r`` and ``lora_alpha`` hold for all of them
+    (simpler for PEFT than ``rank_pattern``/``alpha_pattern``, whose key matching has changed
+    between PEFT versions). The fused adapter draws one dropout mask where ours draw three:
+    the same function at inference, where the adapter is used.
+    """
+    if not isinstance(model, glm.GlmForCausalLM):
+        raise UserError(
+            "a ChatGLM-named PEFT export needs a lib.models.glm model, got "
+            f"{type(model).__name__}: check config.model.path"
+        )
+    plain, adapted = _linears(model)
+    linears = {}
+    for path in plain + adapted:
+        node = _resolve(model, path)
+        linears[_dotted(path)] = node.base if isinstance(node, LoRALinear) else node
+    members: dict[str, list[str]] = {}  # per ChatGLM Linear: our Linears that make it up
+    for path in linears:
+        parent, _, leaf = path.rpartition(".")
+        if leaf in _QKV:
+            members.setdefault(parent, [f"{parent}.{name}" for name in _QKV])
+        else:
+            members[path] = [path]
+    width = max(sum(adapters[p].rank for p in group if p in adapters) for group in members.values())
+
+    tensors, every, chosen = {}, set(), set()
+    for group in members.values():
+        is_adapted = any(p in adapters for p in group)
+        a = np.zeros((width, linears[group[0]].in_features), np.float32)
+        b_parts, offset = {}, 0
+        for path in group:
+            # Unadapted modules go through ours_to_chatglm too, with no columns: for the name.
+            b = np.zeros((linears[path].out_features, width if is_adapted else 0), np.float32)
+            if path in adapters:
+                module, end = adapters[path], offset + adapters[path].rank
+                a[offset:end] = np.asarray(module.lora_a[...], np.float32).T
+                b[:, offset:end] = np.asarray(module.lora_b[...], np.float32).T
+                offset = end
+            b_parts[f"{path}.weight"] = b
+        fused = glm.ours_to_chatglm(b_parts, model.config, multi_query=multi_query)
+        ((name, b_fused),) = fused.items()
+        name = name.removesuffix(".weight")
+        every.add(name)
+        if is_adapted:
+            chosen.add(name)
+            tensors[f"base_model.model.{name}.lora_A.weight"] = a
+            tensors[f"base_model.model.{name}.lora_B.weight"] = b_fused
+    # Module names when each names only adapted modules (PEFT's suffix rule), else full paths.
+    leaves = {name.rsplit(".", 1)[-1] for name in chosen}
+    if {name for name in every if name.rsplit(".", 1)[-1] in leaves} == chosen:
+        return tensors, sorted(leaves), width
+    return tensors, sorted(chosen), width
+
+
 def export_peft(
     model: nnx.Module,
     out_dir: str | os.PathLike,
@@ -265,6 +355,8 @@ def export_peft(
     alpha: float | None = None,
     dropout: float | None = None,
     task_type: str = "CAUSAL_LM",
+    *,
+    base_config: dict | None = None,
 ) -> Path:
     """Write ``adapter_config.json`` and ``adapter_model.safetensors`` for PEFT.
 
@@ -276,6 +368,11 @@ def export_peft(
     become ``target_modules`` when they are plain names that select exactly the adapted
     layers; otherwise the adapted module paths are listed one by one, which PEFT matches
     exactly.
+
+    ``base_config`` is the base checkpoint's ``config.json``. When it is a ChatGLM2/3 one
+    (``model_type: chatglm``) the adapter is written for THUDM's module tree instead (see
+    ``_chatglm_adapter``): ``r`` and ``lora_alpha`` grow by the same factor (3 for q/k/v), so
+    the scaling ``lora_alpha / r`` is unchanged, and ``targets`` is not used.
     """
     adapters = lora_modules(model)
     if not adapters:
@@ -291,21 +388,12 @@ def export_peft(
         _one({m.dropout_rate for m in adapters.values()}, "dropout"),
         "dropout",
     )
-    target_modules = list(adapters)
-    if targets is not None:
-        targets = [targets] if isinstance(targets, str) else list(targets)
-        plain, adapted = _linears(model)
-        every = [_dotted(p) for p in plain + adapted]
-        selected = sorted(d for d in every if any(_matches(t, d) for t in targets))
-        # PEFT matches plain names by the same suffix rule; anything else is listed exactly.
-        if all(re.fullmatch(r"[\w.]+", t) for t in targets) and selected == sorted(adapters):
-            target_modules = sorted(set(targets))
-
-    tensors = {}
-    for path, module in adapters.items():
-        prefix = f"base_model.model.{path}"
-        tensors[f"{prefix}.lora_A.weight"] = np.asarray(module.lora_a[...], np.float32).T
-        tensors[f"{prefix}.lora_B.weight"] = np.asarray(module.lora_b[...], np.float32).T
+    if base_config is not None and base_config.get("model_type") == "chatglm":
+        multi_query = glm.chatglm_multi_query(base_config)
+        tensors, target_modules, width = _chatglm_adapter(model, adapters, multi_query)
+        rank, alpha = width, alpha * width / rank
+    else:
+        tensors, target_modules = _hf_adapter(model, adapters, targets)
     config = {
         "peft_type": "LORA",
         "task_type": task_type,
