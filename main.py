@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -66,8 +67,13 @@ def run(config, workdir: Path, mode: str) -> None:
         for out in task.predict(config, model, tokenizer, texts):
             print(json.dumps(out, ensure_ascii=False), flush=True)
     elif mode == "export":
-        out_dir = workdir / "export"
-        task.export(model, tokenizer, str(out_dir))
+        # Written beside and then swapped in: a killed export leaves the previous one whole, and
+        # no file of an earlier export (say an adapter_config.json) survives into this one.
+        out_dir, partial = workdir / "export", workdir / "export.partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        task.export(model, tokenizer, str(partial))
+        shutil.rmtree(out_dir, ignore_errors=True)
+        partial.rename(out_dir)
         print(f"exported step {step} to {out_dir}", flush=True)
 
 

@@ -101,6 +101,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.lora.dropout = 0.05
     # Module names that get adapters (ChatGLM2's fused query_key_value is q/k/v_proj here).
     c.model.lora.targets = ("q_proj", "k_proj", "v_proj")
+    # What --mode=export writes for a LoRA run: "adapter" (a PEFT adapter directory; for a
+    # ChatGLM2/3 base in THUDM's module names) or "merged" (the base with the adapters folded in).
+    c.model.lora.export = "adapter"
 
     c.data = ml_collections.ConfigDict()
     # Poem/appreciation pairs {title, author, poem, appreciation, form, keywords} to train on.

@@ -78,6 +78,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.lora.dropout = 0.1
     # Module names that get adapters.
     c.model.lora.targets = ("q_proj", "v_proj")
+    # What --mode=export writes for a LoRA run: "adapter" (a PEFT adapter directory; for a
+    # ChatGLM2/3 base in THUDM's module names) or "merged" (the base with the adapters folded in).
+    c.model.lora.export = "adapter"
 
     c.data = ml_collections.ConfigDict()
     # Training records: JSON array or .jsonl of alpaca or {prompt, answer} records.

@@ -144,6 +144,14 @@ def _family(model_dir: str) -> str:
     )
 
 
+def _lora_export(lora_config) -> str:
+    """``model.lora.export``: "adapter" (the default) or "merged"."""
+    how = lora_config.get("export", "adapter")
+    if how not in ("adapter", "merged"):
+        raise UserError(f"config.model.lora.export must be 'adapter' or 'merged', got {how!r}")
+    return how
+
+
 class Task:
     """Causal-LM fine-tuning on (prompt, answer) pairs."""
 
@@ -196,6 +204,7 @@ class Task:
         from lib.models import lora
 
         lc = config.model.lora
+        _lora_export(lc)  # a misspelt choice fails now, not after training
         lora.apply_lora(
             model, tuple(lc.targets), int(lc.rank), float(lc.alpha), float(lc.dropout),
             nnx.Rngs(int(config.train.seed) + 1),
@@ -309,18 +318,21 @@ class Task:
         return [{"input": t, "output": o} for t, o in zip(inputs, outputs)]
 
     def export(self, model, tokenizer, out_dir: str) -> None:
-        """An HF directory of the model, or with LoRA a PEFT adapter directory for the base
-        (``model.hub_id``, else ``model.path``)."""
+        """An HF directory of the model. A LoRA run writes, as ``model.lora.export`` says, a
+        PEFT adapter directory for the base (``model.hub_id``, else ``model.path``) or the
+        base with the adapters merged in (an HF directory like a full fine-tune's)."""
         m = self.config.model
         if self.trainable is not nnx.Param:
             from lib.models import lora
 
-            lora.export_peft(
-                model, out_dir, m.get("hub_id") or m.path, targets=tuple(m.lora.targets),
-                # A ChatGLM2/3 base gets THUDM's module names (fused query_key_value).
-                base_config=hf.read_config(m.path) if m.path else None,
-            )
-            return
+            if _lora_export(m.lora) == "adapter":
+                lora.export_peft(
+                    model, out_dir, m.get("hub_id") or m.path, targets=tuple(m.lora.targets),
+                    # A ChatGLM2/3 base gets THUDM's module names (fused query_key_value).
+                    base_config=hf.read_config(m.path) if m.path else None,
+                )
+                return
+            model = lora.merge_lora(model)
         module = qwen2 if self.family == "qwen2" else glm
         save = tokenizer if hasattr(tokenizer, "save_pretrained") else None
         module.export_pretrained(model, self.model_config, out_dir, tokenizer=save)

@@ -1,4 +1,5 @@
-"""A Qwen2-format tokenizer end to end: loading, ChatML, SFT / LoopCoT examples, a tiny run.
+"""A Qwen2-format directory end to end: tokenizer loading, ChatML, SFT / LoopCoT examples, tiny
+runs (full and LoRA, with both LoRA exports).
 
 No Qwen checkpoint can be downloaded, so ``qwen_dir`` builds one in the format of the released
 Qwen2 / Qwen2.5 directories: a byte-level BPE ``tokenizer.json`` (NFC, Qwen2's split regex,
@@ -15,12 +16,15 @@ import json
 import logging
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import jax.numpy as jnp
 import jieba
 import numpy as np
+import peft
 import pytest
 import tokenizers
 import torch
@@ -381,6 +385,50 @@ def test_sft_run_and_predict_from_a_qwen2_directory(qwen_dir, tok, tmp_path):
             ref = hf.generate(x, max_new_tokens=MAX_NEW, do_sample=False, eos_token_id=EOT,
                               pad_token_id=EOT)[0, x.shape[1]:].tolist()
         assert ref == row[: row.index(EOT) + 1]  # HF stops at, and keeps, the EOS
+
+
+def test_lora_run_exports_an_adapter_or_the_merged_model(qwen_dir, tok, tmp_path):
+    """``--mode=export`` of a LoRA run: the PEFT adapter on the HF base and the merged HF
+    directory both compute what the run's model computes."""
+    (tmp_path / "train.json").write_text(json.dumps(RECORDS, ensure_ascii=False))
+    (tmp_path / "eval.json").write_text(json.dumps(RECORDS[:4], ensure_ascii=False))
+    overrides = {**_overrides(tmp_path, qwen_dir), "train.steps": 20, "eval.every": 20,
+                 "checkpoint.every": 20, "model.lora.rank": 4, "model.lora.dropout": 0.0}
+    workdir = tmp_path / "run"
+    _main(workdir, overrides)
+    _main(workdir, overrides, "--mode=export")
+    adapter_dir = shutil.copytree(workdir / "export", tmp_path / "adapter")
+    assert json.loads((adapter_dir / "adapter_config.json").read_text())["target_modules"] == [
+        "q_proj", "v_proj"]
+    _main(workdir, {**overrides, "model.lora.export": "merged"}, "--mode=export")
+    merged_dir = workdir / "export"
+    # An export replaces the previous one whole: no adapter file is left among the weights.
+    assert not (merged_dir / "adapter_config.json").exists()
+
+    config = sft_config.get_config("demo")
+    for key, value in overrides.items():
+        section, name = key.split(".", 1)
+        if "." in name:
+            config[section][name.split(".")[0]][name.split(".")[1]] = value
+        else:
+            config[section][name] = type(config[section][name])(value)
+    config.workdir = str(workdir)
+    model, _, step = train.restore_model(config, workdir, sft.Task())
+    assert step == 20
+    ids = np.array([tok.encode(text)[:8] for text in corpus()[:4]])
+    ours = np.asarray(model(jnp.asarray(ids))[0])
+    base = transformers.Qwen2ForCausalLM.from_pretrained(qwen_dir).eval()
+    with torch.no_grad():
+        plain = base(torch.from_numpy(ids)).logits.numpy()
+        adapted = peft.PeftModel.from_pretrained(base, adapter_dir).eval()
+        via_adapter = adapted(torch.from_numpy(ids)).logits.numpy()
+        merged = transformers.Qwen2ForCausalLM.from_pretrained(merged_dir).eval()
+        via_merged = merged(torch.from_numpy(ids)).logits.numpy()
+    assert np.abs(ours - plain).max() > 1e-2  # the adapters changed the function
+    assert np.abs(via_adapter - ours).max() <= 1e-4
+    assert np.abs(via_merged - ours).max() <= 1e-4
+    with pytest.raises(AssertionError, match="model.lora.export must be 'adapter' or 'merged'"):
+        _main(workdir, {**overrides, "model.lora.export": "both"}, "--mode=export")
 
 
 # ----------------------------------------------------------------------------- LoopCoT
