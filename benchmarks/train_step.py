@@ -233,7 +233,8 @@ def bert_classification(size: str, batch: int, seq: int) -> Pair:
 
 def lm_batch(batch: int, seq: int, vocab: int, seed: int = 0) -> dict[str, np.ndarray]:
     """SFT rows as ``lib.lm_data`` builds them: a prompt, an answer, right padding (every other
-    row ends a quarter early); ``labels`` are the next tokens of the answer part only."""
+    row ends a quarter early); ``labels`` are the next tokens of the answer part only, and
+    ``label_positions`` where they are (the LM head runs there only)."""
     rng = np.random.default_rng(seed)
     ids = rng.integers(10, vocab, size=(batch, seq)).astype(np.int32)
     lengths = np.where(np.arange(batch) % 2 == 0, seq, seq - seq // 4)
@@ -243,7 +244,8 @@ def lm_batch(batch: int, seq: int, vocab: int, seed: int = 0) -> dict[str, np.nd
     labels = np.full_like(ids, lm_data.IGNORE)
     labels[:, prompt - 1 : -1] = ids[:, prompt:]
     labels[:, :-1][mask[:, 1:] == 0] = lm_data.IGNORE
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels,
+            "label_positions": lm_data.label_positions(labels)}
 
 
 def qwen2_sft(size: str, batch: int, seq: int) -> Pair:

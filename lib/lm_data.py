@@ -172,7 +172,24 @@ def build_arrays(
         label_list.append(labels)
     input_ids, mask = pad_and_stack(ids_list, max_length, pad)
     labels, _ = pad_and_stack(label_list, max_length, IGNORE)
-    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels}
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": labels,
+            "label_positions": label_positions(labels)}
+
+
+def label_positions(labels: np.ndarray, multiple: int = 8) -> np.ndarray:
+    """Where each row's targets are: int32 ``[n, k]``, the positions of the labels that are not
+    ``IGNORE`` in order, then 0s; ``k`` is the most targets of any row, rounded up to
+    ``multiple`` (at most the row length). The loss computes logits at these positions only:
+    with answer-only targets the LM head and its softmax skip the prompt and the padding."""
+    target = labels != IGNORE
+    counts = target.sum(axis=1)
+    k = int(counts.max()) if len(counts) else 0
+    k = min(max(-(-k // multiple) * multiple, 1), labels.shape[1])
+    out = np.zeros((labels.shape[0], k), np.int32)
+    for row, flags in enumerate(target):
+        where = np.flatnonzero(flags)
+        out[row, : len(where)] = where
+    return out
 
 
 def prompt_arrays(
@@ -204,9 +221,18 @@ def decode_answer(tokenizer: Any, ids: Sequence[int]) -> str:
 
 
 def _token_ce(model, batch: dict, rngs) -> tuple[jax.Array, jax.Array]:
-    """Per-position cross-entropy ``[b, t]`` and the 0/1 target mask ``[b, t]``."""
-    logits, _ = model(batch["input_ids"], batch["attention_mask"], rngs=rngs)
+    """Per-position cross-entropy and the 0/1 target mask, both ``[b, t]``, or ``[b, k]`` at
+    the batch's ``label_positions`` when it has them (the same sums, less LM head work)."""
     labels = batch["labels"]
+    at = batch.get("label_positions")
+    if at is None:
+        logits, _ = model(batch["input_ids"], batch["attention_mask"], rngs=rngs)
+    else:
+        logits, _ = model(batch["input_ids"], batch["attention_mask"], rngs=rngs, logits_at=at)
+        # Entries past a row's target count are filler (position 0): not targets.
+        count = jnp.sum(labels != IGNORE, axis=1, keepdims=True)
+        filler = jnp.arange(at.shape[1])[None, :] >= count
+        labels = jnp.where(filler, IGNORE, jnp.take_along_axis(labels, at, axis=1))
     target = labels != IGNORE
     ce = optax.softmax_cross_entropy_with_integer_labels(
         logits.astype(jnp.float32), jnp.where(target, labels, 0)
@@ -234,6 +260,6 @@ def _row_nll(graphdef, state, batch):
 def row_nll(model: nnx.Module, batch: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """Summed target negative log-likelihood and target count per row (jitted, no dropout)."""
     graphdef, state = nnx.split(model)
-    keys = ("input_ids", "attention_mask", "labels")
-    nll, count = _row_nll(graphdef, state, {k: batch[k] for k in keys})
+    keys = ("input_ids", "attention_mask", "labels", "label_positions")
+    nll, count = _row_nll(graphdef, state, {k: batch[k] for k in keys if k in batch})
     return np.asarray(nll), np.asarray(count)

@@ -3,6 +3,7 @@
 import json
 import math
 
+import jax
 import ml_collections
 import numpy as np
 import pytest
@@ -101,6 +102,39 @@ def test_padding_id_and_length_do_not_change_the_loss():
     labels = batch["labels"]
     picked = [-logp[b, t, labels[b, t]] for b in range(2) for t in range(10) if labels[b, t] >= 0]
     assert abs(float(np.mean(picked)) - float(base_loss)) < 1e-5
+
+
+def test_label_positions_give_the_same_loss_and_gradients():
+    labels = np.array([[IGN, 4, IGN, 6, 7, IGN, IGN, IGN, IGN, IGN],
+                       [IGN] * 10,
+                       [1, 2, 3, 4, 5, 6, 7, 8, 9, IGN]], np.int32)
+    at = lm_data.label_positions(labels, multiple=4)
+    # Targets in order, then filler 0s; width = most targets (9) rounded up to 4, capped at 10.
+    np.testing.assert_array_equal(at, [[1, 3, 4, 0, 0, 0, 0, 0, 0, 0], [0] * 10,
+                                       [0, 1, 2, 3, 4, 5, 6, 7, 8, 0]])
+    assert lm_data.label_positions(labels[:1], multiple=4).shape == (1, 4)
+
+    model = _tiny_lm()
+    pairs = [([5, 6, 7, 8, 9, 10], [8, 9]), ([10, 11], [12, 13, 14, 15]), ([3] * 9, [4])]
+    full = _batch(pairs, 12, 0)
+    selected = {**full, "label_positions": lm_data.label_positions(full["labels"])}
+    assert selected["label_positions"].shape == (3, 8)  # 5 targets at most: 8 of 12 positions
+    grad_fn = nnx.jit(nnx.value_and_grad(lambda m, b: lm_data.lm_loss(m, b, None),
+                                         has_aux=True))
+    (loss_full, aux_full), g_full = grad_fn(model, full)
+    (loss_sel, aux_sel), g_sel = grad_fn(model, selected)
+    assert float(aux_sel["weight"]) == float(aux_full["weight"]) == 10.0
+    assert abs(float(loss_sel) - float(loss_full)) < 1e-6
+    for a, b in zip(jax.tree.leaves(g_full), jax.tree.leaves(g_sel)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6)
+    nll_full, n_full = lm_data.row_nll(model, full)
+    nll_sel, n_sel = lm_data.row_nll(model, selected)
+    np.testing.assert_allclose(nll_sel, nll_full, rtol=1e-6)
+    np.testing.assert_array_equal(n_sel, [3, 5, 2])
+    # build_arrays adds the positions of its labels.
+    vocab = CharVocab.build(["春眠不觉晓"])
+    arrays = lm_data.build_arrays(vocab, [("春眠", "不觉晓")], max_length=10)
+    np.testing.assert_array_equal(arrays["label_positions"], [[2, 3, 4, 5, 0, 0, 0, 0]])
 
 
 def test_alpaca_template_and_record_formats(tmp_path):

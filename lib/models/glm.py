@@ -408,6 +408,7 @@ class GlmForCausalLM(nnx.Module):
         *,
         prefix: Prefix | None = None,
         rngs: nnx.Rngs | None = None,
+        logits_at: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
         """Logits ``[b, t, vocab]`` (fp32) of ``input_ids [b, t]`` and the updated cache.
 
@@ -417,6 +418,8 @@ class GlmForCausalLM(nnx.Module):
         written at its ``index`` and attend to every valid slot; without, attention is causal
         within ``input_ids``. ``prefix`` adds p-tuning v2 keys/values to every layer. ``rngs``
         turns dropout on (attention, LoRA adapters: training); None is deterministic.
+        ``logits_at [b, k]`` (positions within ``t``) computes the logits of those positions
+        only, ``[b, k, vocab]``.
         """
         b, t = input_ids.shape
         if attention_mask is None:
@@ -442,6 +445,8 @@ class GlmForCausalLM(nnx.Module):
             prefix_kv = None if prefix is None else prefix.layer(i)
             x, cache = run(layer, x, cos, sin, mask, cache, prefix_kv, rngs)
         x = self.model.norm(x)
+        if logits_at is not None:
+            x = jnp.take_along_axis(x, logits_at[..., None], axis=1)
         if self.config.tie_word_embeddings:
             logits = tied_logits(x, self.model.embed_tokens)
         else:

@@ -195,12 +195,15 @@ class PrefixLM(nnx.Module):
         *,
         prefix: Prefix | None = None,
         rngs: nnx.Rngs | None = None,
+        logits_at: jax.Array | None = None,
     ):
-        """``(logits [b, t, vocab], cache)`` of the base decoder run with the learned prefix.
+        """``(logits [b, t, vocab], cache)`` of the base decoder run with the learned prefix
+        (``logits_at``: as the base's).
 
         ``prefix`` must be None: the learned one is the prefix (the argument exists only to
         keep the decoder interface)."""
         if prefix is not None:
             raise ValueError("a PrefixLM builds its own prefix; do not pass prefix=")
         learned = self.prefix_encoder(input_ids.shape[0], rngs=rngs)
-        return self.base(input_ids, attention_mask, positions, cache, prefix=learned, rngs=rngs)
+        return self.base(input_ids, attention_mask, positions, cache, prefix=learned, rngs=rngs,
+                         logits_at=logits_at)

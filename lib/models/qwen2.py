@@ -294,6 +294,8 @@ class Qwen2ForCausalLM(nnx.Module):
     tokens already cached. ``prefix`` (a ``Prefix``, keys/values ``[layers, b|1, N, kv, d]``)
     is put in front of every layer's keys/values and always attended; it gets no rotary and
     does not shift the positions. ``rngs`` turns dropout on (attention, LoRA adapters).
+    ``logits_at [b, k]`` (positions within ``t``) computes the logits of those positions only,
+    ``[b, k, vocab]``: a loss on the answer tokens skips the LM head of the rest.
     """
 
     def __init__(self, cfg: Qwen2Config, *, rngs: nnx.Rngs):
@@ -331,6 +333,7 @@ class Qwen2ForCausalLM(nnx.Module):
         *,
         prefix: Prefix | None = None,
         rngs: nnx.Rngs | None = None,
+        logits_at: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
         """Logits ``[b, t, vocab]`` (fp32) and the updated cache (None without one)."""
         cfg = self.config
@@ -362,6 +365,8 @@ class Qwen2ForCausalLM(nnx.Module):
             else:
                 x = _layer_without_cache(layer, x, cos, sin, mask, rngs, prefix_kv)
         x = self.model.norm(x)
+        if logits_at is not None:
+            x = jnp.take_along_axis(x, logits_at[..., None], axis=1)
         if cfg.tie_word_embeddings:
             logits = tied_logits(x, self.model.embed_tokens)
         else:
