@@ -24,13 +24,13 @@ sampled decodings (``untrained`` = the model before training, 5 decodings):
   run                     part           ROUGE-1       ROUGE-2       ROUGE-L        BLEU-4
   untrained               generation     0.13 ± 0.06   0.00 ± 0.00   0.11 ± 0.06   0.17 ± 0.04
   untrained               appreciation   0.25 ± 0.21   0.00 ± 0.00   0.20 ± 0.17   0.26 ± 0.04
-  single_generation       generation    16.32 ± 0.41   0.12 ± 0.19  21.46 ± 0.58   1.18 ± 0.18
+  single_generation       generation    16.42 ± 0.74   0.10 ± 0.15  22.21 ± 0.68   1.13 ± 0.11
   single_appreciation     appreciation  18.60 ± 0.63   0.69 ± 0.27  20.94 ± 0.31   1.10 ± 0.08
-  mix                     generation    16.63 ± 0.73   0.05 ± 0.11  22.15 ± 1.28   0.93 ± 0.15
-  mix                     appreciation  15.16 ± 0.56   0.25 ± 0.13  18.74 ± 0.78   0.87 ± 0.09
+  mix                     generation    16.57 ± 0.74   0.05 ± 0.11  22.08 ± 1.31   0.91 ± 0.15
+  mix                     appreciation  15.30 ± 0.49   0.33 ± 0.18  18.97 ± 0.86   0.93 ± 0.08
 
 and where the plots (``plots/generation_result.png``, ``plots/appreciation_result.png``) and
-``summary.json`` are. About 5 minutes on 2 idle CPU cores, compilation included; more on a
+``summary.json`` are. About 5-5.5 minutes on 2 idle CPU cores, compilation included; more on a
 busy machine. A scratch character model learns the verse shape (5/7-character lines and
 their punctuation) and common characters, which is what these ROUGE-1 scores reward; it
 does not learn to write or appreciate poems.
