@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -93,11 +94,13 @@ def generate_answers(
     temperature: float = 1.0,
     top_p: float = 1.0,
     top_k: int = 0,
+    extra_stops: Sequence[int] = (),
 ) -> list[str]:
     """Decode an answer for every prompt, in fixed-shape batches (one compilation).
 
-    The last batch is filled up with copies of the last prompt (their outputs are dropped).
-    Batch ``i`` samples with ``fold_in(rng, i)``, so a given ``rng`` gives the same texts.
+    An answer ends at the tokenizer's EOS or at an ``extra_stops`` id. The last batch is
+    filled up with copies of the last prompt (their outputs are dropped). Batch ``i`` samples
+    with ``fold_in(rng, i)``, so a given ``rng`` gives the same texts.
     """
     if not prompts:
         return []
@@ -109,16 +112,16 @@ def generate_answers(
     fill = np.minimum(np.arange(total), n - 1)
     ids, mask = ids[fill], mask[fill]
     rng = jax.random.key(0) if rng is None else rng
+    stops = list(dict.fromkeys([lm_data.eos_id(tokenizer), *(int(i) for i in extra_stops)]))
     out: list[str] = []
     for i, start in enumerate(range(0, total, batch_size)):
         rows = slice(start, start + batch_size)
         tokens = generate(
             model, ids[rows], mask[rows], max_new_tokens=max_new_tokens,
             rng=jax.random.fold_in(rng, i), do_sample=do_sample, temperature=temperature,
-            top_p=top_p, top_k=top_k, eos_token_id=lm_data.eos_id(tokenizer),
-            pad_token_id=lm_data.pad_id(tokenizer),
+            top_p=top_p, top_k=top_k, eos_token_id=stops, pad_token_id=lm_data.pad_id(tokenizer),
         )
-        out.extend(lm_data.decode_answer(tokenizer, row) for row in tokens)
+        out.extend(lm_data.decode_answer(tokenizer, row, extra_stops) for row in tokens)
     return out[:n]
 
 
@@ -267,6 +270,7 @@ class Task:
             max_prompt_length=int(d.max_prompt_length), prompt_tail=int(d.prompt_tail),
             batch_size=int(e.batch_size), do_sample=not greedy and bool(e.do_sample),
             temperature=float(e.temperature), top_p=float(e.top_p), top_k=int(e.top_k),
+            extra_stops=lm_data.generation_stop_ids(self.config.model.path),
         )
 
     def evaluate(self, model, eval_data: SftEval):

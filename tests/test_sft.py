@@ -137,6 +137,32 @@ def test_label_positions_give_the_same_loss_and_gradients():
     np.testing.assert_array_equal(arrays["label_positions"], [[2, 3, 4, 5, 0, 0, 0, 0]])
 
 
+def test_generation_config_eos_ids_also_end_answers(tmp_path):
+    assert lm_data.generation_stop_ids("") == ()
+    assert lm_data.generation_stop_ids(str(tmp_path)) == ()  # no generation_config.json
+    (tmp_path / "generation_config.json").write_text('{"eos_token_id": [7, 3]}')
+    assert lm_data.generation_stop_ids(str(tmp_path)) == (7, 3)
+    (tmp_path / "generation_config.json").write_text('{"eos_token_id": 5}')
+    assert lm_data.generation_stop_ids(str(tmp_path)) == (5,)
+    (tmp_path / "generation_config.json").write_text('{"eos_token_id": "x"}')
+    with pytest.raises(UserError, match="generation_config.json: eos_token_id must be"):
+        lm_data.generation_stop_ids(str(tmp_path))
+
+    vocab = CharVocab.build(["春眠不觉晓处处闻啼鸟"])
+    ids = vocab.encode("春眠不觉", add_special_tokens=False)
+    assert lm_data.decode_answer(vocab, [*ids, vocab.eos_id, ids[0]]) == "春眠不觉"
+    assert lm_data.decode_answer(vocab, [*ids, vocab.eos_id], extra_stops=[ids[2]]) == "春眠"
+
+    model = _tiny_lm(vocab.vocab_size)
+    settings = dict(max_prompt_length=8, prompt_tail=0, max_new_tokens=6, batch_size=2)
+    plain = sft.generate_answers(model, vocab, ["春眠", "处处"], **settings)
+    assert all(len(text) > 0 for text in plain), plain
+    # Stopping at the first generated character of each answer leaves nothing.
+    firsts = [vocab.encode(text[0], add_special_tokens=False)[0] for text in plain]
+    cut = sft.generate_answers(model, vocab, ["春眠", "处处"], **settings, extra_stops=firsts)
+    assert cut == ["", ""]
+
+
 def test_alpaca_template_and_record_formats(tmp_path):
     record = {"instruction": "写一首诗", "input": "春天", "output": "春眠不觉晓"}
     assert sft.alpaca_prompt(record) == (
