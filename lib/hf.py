@@ -63,10 +63,31 @@ def read_config(model_dir: str | os.PathLike) -> dict:
     path = check_model_dir(model_dir) / "config.json"
     if not path.is_file():
         raise UserError(f"{path} is missing: an HF model directory needs its config.json")
+    return _read_json_object(path)
+
+
+def generation_eos_ids(model_dir: str | os.PathLike | None) -> tuple[int, ...]:
+    """The ``eos_token_id`` (an id or a list) of ``model_dir/generation_config.json``, if the
+    directory has one: HF ``generate`` stops at these too (Qwen2.5-Instruct lists both
+    ``<|im_end|>`` and ``<|endoftext|>`` while its tokenizer's EOS is the first)."""
+    path = Path(model_dir) / "generation_config.json" if model_dir else None
+    if path is None or not path.is_file():
+        return ()
+    value = _read_json_object(path).get("eos_token_id")
+    values = [] if value is None else value if isinstance(value, list) else [value]
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        raise UserError(f"{path}: eos_token_id must be an id or a list of ids, got {value!r}")
+    return tuple(values)
+
+
+def _read_json_object(path: Path) -> dict:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise UserError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    return data
 
 
 def read_safetensors(path: str | os.PathLike) -> StateDict:

@@ -35,9 +35,7 @@ tokenizers, ``lib.tokenizer.CharVocab`` and ``lib.chatglm_tokenizer.ChatGLMToken
 from __future__ import annotations
 
 import functools
-import json
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import jax
@@ -217,27 +215,6 @@ def decode_answer(tokenizer: Any, ids: Sequence[int], extra_stops: Sequence[int]
     ids = [int(i) for i in ids]
     end = next((n for n, i in enumerate(ids) if i in stops), len(ids))
     return tokenizer.decode(ids[:end], skip_special_tokens=True).strip()
-
-
-def generation_stop_ids(model_dir: str | None) -> tuple[int, ...]:
-    """The ``eos_token_id`` (an id or a list) of ``model_dir/generation_config.json``, if the
-    directory has one: HF ``generate`` stops at these too (Qwen2.5-Instruct lists both
-    ``<|im_end|>`` and ``<|endoftext|>`` while its tokenizer's EOS is the first)."""
-    if not model_dir:
-        return ()
-    path = Path(model_dir) / "generation_config.json"
-    if not path.is_file():
-        return ()
-    try:
-        value = json.loads(path.read_text(encoding="utf-8")).get("eos_token_id")
-    except (json.JSONDecodeError, AttributeError) as e:
-        raise UserError(f"{path}: not a JSON object ({e}); fix or remove the file") from None
-    if value is None:
-        return ()
-    values = value if isinstance(value, list) else [value]
-    if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-        raise UserError(f"{path}: eos_token_id must be an id or a list of ids, got {value!r}")
-    return tuple(values)
 
 
 # ----------------------------------------------------------------------------- loss

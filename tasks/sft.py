@@ -270,7 +270,7 @@ class Task:
             max_prompt_length=int(d.max_prompt_length), prompt_tail=int(d.prompt_tail),
             batch_size=int(e.batch_size), do_sample=not greedy and bool(e.do_sample),
             temperature=float(e.temperature), top_p=float(e.top_p), top_k=int(e.top_k),
-            extra_stops=lm_data.generation_stop_ids(self.config.model.path),
+            extra_stops=hf.generation_eos_ids(self.config.model.path),
         )
 
     def evaluate(self, model, eval_data: SftEval):

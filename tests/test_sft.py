@@ -10,7 +10,7 @@ import pytest
 from flax import nnx
 
 from configs import sft as sft_config
-from lib import lm_data, train
+from lib import hf, lm_data, train
 from lib.errors import UserError
 from lib.models import qwen2
 from lib.tokenizer import CharVocab
@@ -138,15 +138,15 @@ def test_label_positions_give_the_same_loss_and_gradients():
 
 
 def test_generation_config_eos_ids_also_end_answers(tmp_path):
-    assert lm_data.generation_stop_ids("") == ()
-    assert lm_data.generation_stop_ids(str(tmp_path)) == ()  # no generation_config.json
+    assert hf.generation_eos_ids("") == ()
+    assert hf.generation_eos_ids(str(tmp_path)) == ()  # no generation_config.json
     (tmp_path / "generation_config.json").write_text('{"eos_token_id": [7, 3]}')
-    assert lm_data.generation_stop_ids(str(tmp_path)) == (7, 3)
+    assert hf.generation_eos_ids(str(tmp_path)) == (7, 3)
     (tmp_path / "generation_config.json").write_text('{"eos_token_id": 5}')
-    assert lm_data.generation_stop_ids(str(tmp_path)) == (5,)
+    assert hf.generation_eos_ids(str(tmp_path)) == (5,)
     (tmp_path / "generation_config.json").write_text('{"eos_token_id": "x"}')
     with pytest.raises(UserError, match="generation_config.json: eos_token_id must be"):
-        lm_data.generation_stop_ids(str(tmp_path))
+        hf.generation_eos_ids(str(tmp_path))
 
     vocab = CharVocab.build(["春眠不觉晓处处闻啼鸟"])
     ids = vocab.encode("春眠不觉", add_special_tokens=False)
