@@ -47,10 +47,14 @@ def run(config, workdir: Path, mode: str) -> None:
     if mode == "train":
         workdir.mkdir(parents=True, exist_ok=True)
         (workdir / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n")
-        # Experiments made of several trainings (LoopCoT's runs) drive the trainer themselves.
+        # Experiments made of several trainings (LoopCoT's runs) drive the trainer themselves
+        # and print their own summary table.
         runner = getattr(task, "run", None)
-        metrics = runner(config, workdir) if runner else train.train(config, workdir, task)
-        print("final eval: " + json.dumps(metrics, ensure_ascii=False), flush=True)
+        if runner:
+            runner(config, workdir)
+        else:
+            metrics = train.train(config, workdir, task)
+            print("final eval: " + json.dumps(metrics, ensure_ascii=False), flush=True)
         return
     model, tokenizer, step = train.restore_model(config, workdir, task)
     if mode == "eval":

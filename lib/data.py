@@ -196,6 +196,18 @@ def read_tsv(
     return records
 
 
+def json_object_or_none(text: str) -> dict | None:
+    """A ``--mode=predict`` input line as a JSON object, or None when it is plain text (a line
+    that merely starts with ``{`` but is not a JSON object is plain text too)."""
+    if not text.lstrip().startswith("{"):
+        return None
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
 # ------------------------------------------------------------------------------------------
 # Padding.
 

@@ -45,7 +45,7 @@ from lib import metrics as metrics_lib
 from lib import train as trainer
 from lib.chatglm_tokenizer import ChatGLMTokenizer
 from lib.checkpoint import Checkpoints
-from lib.data import ArrayDataset, read_json
+from lib.data import ArrayDataset, json_object_or_none, read_json
 from lib.errors import UserError
 from tasks import sft
 
@@ -438,16 +438,11 @@ class Task(sft.Task):
         self.config = config
         prompts, parts = [], []
         for text in inputs:
-            record = None
-            if text.lstrip().startswith("{"):
-                try:
-                    record = json.loads(text)
-                except json.JSONDecodeError:
-                    record = None
-            if isinstance(record, dict) and "poem" in record:
+            record = json_object_or_none(text) or {}
+            if "poem" in record:
                 prompts.append(appreciation_prompt(str(record["poem"])))
                 parts.append("appreciation")
-            elif isinstance(record, dict) and "theme" in record:
+            elif "theme" in record:
                 prompts.append(generation_prompt(str(record["theme"]),
                                                  str(record.get("form", "5言绝句"))))
                 parts.append("generation")

@@ -32,7 +32,7 @@ import numpy as np
 from flax import nnx
 
 from lib import hf, lm_data
-from lib.data import ArrayDataset, read_json, read_jsonl
+from lib.data import ArrayDataset, json_object_or_none, read_json, read_jsonl
 from lib.errors import UserError
 from lib.generate import generate
 from lib.models import glm, qwen2
@@ -298,20 +298,13 @@ class Task:
 
     def predict(self, config, model, tokenizer, inputs: list[str]) -> list[dict]:
         """Greedy answers; an input line is an instruction, or a JSON alpaca/prompt record."""
-        import json
-
         self.config = config
         prompts = []
         for text in inputs:
-            record = None
-            if text.lstrip().startswith("{"):
-                try:
-                    record = json.loads(text)
-                except json.JSONDecodeError:
-                    record = None
-            if isinstance(record, dict) and "instruction" in record:
+            record = json_object_or_none(text) or {}
+            if "instruction" in record:
                 prompts.append(alpaca_prompt(record, self.template))
-            elif isinstance(record, dict) and "prompt" in record:
+            elif "prompt" in record:
                 prompts.append(str(record["prompt"]))
             else:
                 prompts.append(alpaca_prompt({"instruction": text}, self.template))

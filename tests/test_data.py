@@ -7,7 +7,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lib.data import ArrayDataset, pad_and_stack, read_json, read_jsonl, read_tsv
+from lib.data import (
+    ArrayDataset,
+    json_object_or_none,
+    pad_and_stack,
+    read_json,
+    read_jsonl,
+    read_tsv,
+)
 from lib.errors import UserError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -134,6 +141,16 @@ def test_read_tsv_unparsable_int(tmp_path):
     assert _error(read_tsv, path, ["label", "text"], {"label": int}) == (
         f"{path}:3: column \"label\" is not a valid int: 'x1'"
     )
+
+
+def test_predict_lines_as_json_objects_or_plain_text():
+    assert json_object_or_none('{"poem": "床前明月光", "n": 2}') == {"poem": "床前明月光", "n": 2}
+    assert json_object_or_none('  {"theme": "明月"}') == {"theme": "明月"}
+    # Plain text, also when it starts like JSON: it is a prompt, not an error.
+    assert json_object_or_none("写一首诗") is None
+    assert json_object_or_none("{明月} 写一首诗") is None
+    assert json_object_or_none('["a", "b"]') is None
+    assert json_object_or_none('{"a": 1} trailing') is None
 
 
 # ------------------------------------------------------------------------------------------
