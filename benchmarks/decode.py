@@ -1,10 +1,19 @@
 """Greedy decoding speed: our jitted ``lib.generate`` vs Hugging Face PyTorch ``generate``.
 
-Both decode the same random Qwen2 model (built with transformers, saved, loaded by our port)
-from the same left-padded prompts; compile/warm-up time is excluded from the timed run and
-reported separately. PyTorch uses as many threads as there are cores.
+Both decode the same random model (built with transformers, saved, loaded by our port) from the
+same left-padded prompts; compile/warm-up time is excluded from the timed run and reported
+separately. PyTorch uses as many threads as there are cores. ``--model`` picks the architecture
+(``MODELS``), of about the same size (8 layers, hidden 512, vocab 5000):
 
-    .venv/bin/python benchmarks/decode.py [--batch 4 --prompt 64 --new 128 --repeats 1]
+- ``qwen2`` (default): Qwen2 (rotary, RMSNorm, grouped-query attention 8:2, SwiGLU) vs
+  ``Qwen2ForCausalLM``;
+- ``gpt2``: GPT-2 (learned positions, LayerNorm, fused ``c_attn``, gelu_new MLP 4 x hidden) vs
+  ``GPT2LMHeadModel``.
+
+    .venv/bin/python benchmarks/decode.py [--model qwen2|gpt2] [--batch 4 --prompt 64 --new 128
+                                          --repeats 1]
+
+A quick check of one model: ``--model gpt2 --batch 2 --prompt 16 --new 8``.
 
 Prints the config, tokens/s of both, the ratio ours / PyTorch, and whether the greedy tokens
 are identical. The load average is printed too: on a shared machine PyTorch's threaded BLAS
@@ -28,19 +37,33 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 from lib.generate import generate, left_pad  # noqa: E402
-from lib.models import qwen2  # noqa: E402
+from lib.models import gpt2, qwen2  # noqa: E402
 
-CONFIG = dict(
-    vocab_size=5000,
-    hidden_size=512,
-    intermediate_size=1536,
-    num_hidden_layers=8,
-    num_attention_heads=8,
-    num_key_value_heads=2,
-    max_position_embeddings=1024,
-    rope_theta=10000.0,
-    tie_word_embeddings=True,
-)
+# name -> (HF model class, HF config class, its config, our loader: dir -> (model, cfg)).
+MODELS = {
+    "qwen2": (transformers.Qwen2ForCausalLM, transformers.Qwen2Config, dict(
+        vocab_size=5000,
+        hidden_size=512,
+        intermediate_size=1536,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        rope_theta=10000.0,
+        tie_word_embeddings=True,
+    ), qwen2.load_pretrained),
+    "gpt2": (transformers.GPT2LMHeadModel, transformers.GPT2Config, dict(
+        vocab_size=5000,
+        n_embd=512,
+        n_inner=2048,
+        n_layer=8,
+        n_head=8,
+        n_positions=1024,
+        tie_word_embeddings=True,
+        bos_token_id=None,  # HF's default 50256 is outside this vocab
+        eos_token_id=None,
+    ), gpt2.load_pretrained),
+}
 
 
 def _timed(fn, repeats: int) -> tuple[float, object]:
@@ -56,6 +79,7 @@ def _timed(fn, repeats: int) -> tuple[float, object]:
 def main() -> None:
     """Build the model, warm up both implementations, time one greedy run of each."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=sorted(MODELS), default="qwen2")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--prompt", type=int, default=64)
     parser.add_argument("--new", type=int, default=128)
@@ -65,16 +89,17 @@ def main() -> None:
 
     cores = os.cpu_count() or 1
     torch.set_num_threads(args.torch_threads)
+    hf_class, config_class, config, load = MODELS[args.model]
     torch.manual_seed(0)
-    hf_model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**CONFIG)).eval()
+    hf_model = hf_class(config_class(**config)).eval()
     with tempfile.TemporaryDirectory() as tmp:
         hf_model.save_pretrained(tmp)
-        model, _ = qwen2.load_pretrained(tmp)
+        model, _ = load(tmp)
 
     rs = np.random.RandomState(0)
     # Varying prompt lengths so that left padding is exercised, the longest is --prompt.
     lengths = [args.prompt - 8 * i for i in range(args.batch)]
-    ids, mask = left_pad([list(rs.randint(1, CONFIG["vocab_size"], n)) for n in lengths], 0)
+    ids, mask = left_pad([list(rs.randint(1, config["vocab_size"], n)) for n in lengths], 0)
     # No EOS: both decode exactly --new tokens.
     ours_fn = lambda: generate(
         model, ids, mask, max_new_tokens=args.new, eos_token_id=[], pad_token_id=0
@@ -99,7 +124,7 @@ def main() -> None:
     t_torch, tokens_torch = _timed(torch_fn, args.repeats)
 
     n_tokens = args.batch * args.new
-    print(f"config: {CONFIG}")
+    print(f"{args.model} config: {config}")
     print(
         f"batch {args.batch}, prompts {lengths} tokens (left-padded to {ids.shape[1]}), "
         f"{args.new} new tokens, greedy; {cores} cores, jax {jax.__version__} "

@@ -1,6 +1,6 @@
 """Train-step speed: our jitted, sharded train step vs Hugging Face PyTorch, on this machine.
 
-Two pairs, each at a small and a base size (vocab 21128). The model is built with
+Three pairs, each at a small and a base size (vocab 21128). The model is built with
 ``transformers``, saved, and loaded by our port, so both sides train the same weights on the
 same batch:
 
@@ -10,8 +10,15 @@ same batch:
   ``BertForSequenceClassification`` in train mode.
 - ``qwen2-sft``: causal-LM SFT with the answer-only loss of ``tasks.sft`` (``lib.lm_data``) on a
   Qwen2-architecture decoder vs ``Qwen2ForCausalLM`` with the same labels.
+- ``gpt2-sft``: the same SFT step on GPT-2 (``lib.models.gpt2``: learned positions, LayerNorm,
+  fused ``c_attn``, gelu_new, tied head; the shapes of BERT's sizes, so base is GPT-2 small /
+  ``uer/gpt2-chinese-cluecorpussmall``) vs ``GPT2LMHeadModel``.
 
-PyTorch runs ``torch.optim.AdamW`` with the same decay groups and linear schedule,
+The decoders run without dropout (Qwen2 has none; GPT-2's ``*_pdrop`` are set to 0), so both
+sides compute the same loss; BERT keeps its dropout 0.1.
+
+PyTorch runs ``torch.optim.AdamW`` with the same decay groups (no decay on biases and norm
+weights) and linear schedule,
 ``clip_grad_norm_``, fp32, one thread per core. Each pair first prints how far the two models'
 eval-mode outputs are apart and both first losses (the same weights and batch: they agree).
 
@@ -22,9 +29,14 @@ steps and of the fastest steps, and the mean load average while timing. On a sha
 PyTorch's OpenMP threads slow down far more than XLA's under contention: compare runs taken at
 a load average below the core count, or pin both to one core with ``--cores 1``.
 
-    .venv/bin/python benchmarks/train_step.py [--sizes small,base] [--steps 10] [--batch N]
+    .venv/bin/python benchmarks/train_step.py [--pairs bert-cls,qwen2-sft,gpt2-sft]
+                                              [--sizes small,base] [--steps 10] [--batch N]
                                               [--seq 128] [--cores N]
-    .venv/bin/python benchmarks/train_step.py --profile [--sizes base] [--cores 1] [--trace DIR]
+    .venv/bin/python benchmarks/train_step.py --profile [--pairs gpt2-sft] [--sizes base]
+                                              [--cores 1] [--trace DIR]
+
+``--pairs`` defaults to all three; e.g. ``--pairs gpt2-sft --sizes small --steps 2`` is a quick
+check of one pair.
 
 ``--profile`` (at the small size unless ``--sizes`` names others) prints XLA's cost analysis of
 the compiled step, the time of the forward pass, of forward + backward and of the whole step,
@@ -33,8 +45,9 @@ then the step's time per kind of XLA op and its heaviest ops, from a ``jax.profi
 Matmuls on XLA's Eigen path run asynchronously on its thread pool and their trace spans
 undercount them; ``--cores 1`` gives a complete per-op account.
 
-Another model/step pair (e.g. a causal-LM SFT step) is one more function returning a ``Pair``
-(see ``bert_classification``) and one more entry in ``PAIRS``.
+Another model/step pair is one more function returning a ``Pair`` (see ``bert_classification``)
+and one more entry in ``PAIRS``; another causal-LM SFT pair is an HF config and our loader passed
+to ``causal_lm_sft`` (see ``gpt2_sft``).
 """
 
 from __future__ import annotations
@@ -61,8 +74,9 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from configs import classification as cls_config  # noqa: E402
 from lib import lm_data, sharding, train  # noqa: E402
-from lib.models import bert, qwen2  # noqa: E402
+from lib.models import bert, gpt2, qwen2  # noqa: E402
 from tasks import classification  # noqa: E402
 
 SIZES = {
@@ -125,11 +139,13 @@ def random_batch(batch: int, seq: int, vocab: int, seed: int = 0) -> dict[str, n
 
 def _torch_optimizer(model: torch.nn.Module):
     """AdamW with decay on everything but biases and norm weights (as ``lib.train``), linear
-    schedule."""
+    schedule. Norms are found by module class (``LayerNorm``, ``Qwen2RMSNorm``), whatever their
+    parameter names (GPT-2's ``ln_1``)."""
+    norms = {id(p) for m in model.modules() if "norm" in type(m).__name__.lower()
+             for p in m.parameters(recurse=False)}
     decay, no_decay = [], []
     for name, p in model.named_parameters():
-        norm = "LayerNorm" in name or name.endswith("norm.weight")
-        (no_decay if name.endswith("bias") or norm else decay).append(p)
+        (no_decay if name.endswith("bias") or id(p) in norms else decay).append(p)
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": TRAIN["weight_decay"]},
          {"params": no_decay, "weight_decay": 0.0}],
@@ -201,6 +217,17 @@ def _torch_step(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> Call
     return step
 
 
+def _hf_and_ours(hf_class: type, hf_cfg, load: Callable[[str], tuple]):
+    """A randomly initialised (seed 0) ``hf_class(hf_cfg)`` and our port of it: saved, then
+    read back by ``load(dir) -> (model, cfg)``."""
+    torch.manual_seed(0)
+    hf_model = hf_class(hf_cfg)
+    with tempfile.TemporaryDirectory() as tmp:
+        hf_model.save_pretrained(tmp)
+        model, _ = load(tmp)
+    return hf_model, model
+
+
 def bert_classification(size: str, batch: int, seq: int) -> Pair:
     """BERT sequence classification: ``lib.train`` step vs ``BertForSequenceClassification``."""
     hf_cfg = transformers.BertConfig(
@@ -208,16 +235,14 @@ def bert_classification(size: str, batch: int, seq: int) -> Pair:
         hidden_act="gelu", hidden_dropout_prob=0.1, attention_probs_dropout_prob=0.1,
         **SIZES[size],
     )
-    torch.manual_seed(0)
-    hf_model = transformers.BertForSequenceClassification(hf_cfg)
-    with tempfile.TemporaryDirectory() as tmp:
-        hf_model.save_pretrained(tmp)
-        model, _ = bert.load_pretrained(tmp, bert.BertForSequenceClassification)
+    hf_model, model = _hf_and_ours(
+        transformers.BertForSequenceClassification, hf_cfg,
+        lambda d: bert.load_pretrained(d, bert.BertForSequenceClassification),
+    )
     host = random_batch(batch, seq, VOCAB)
 
-    task = classification.Task()
-    # What Task.build sets from config.loss: plain cross-entropy.
-    task.focal_gamma, task.class_weights = 0.0, None
+    # The demo config's loss: plain cross-entropy (no focal term, no class weights).
+    task = classification.Task(cls_config.get_config())
     ours, parts, lower, forward = _our_step(model, task.loss, task.logits, host)
     del model
 
@@ -248,18 +273,13 @@ def lm_batch(batch: int, seq: int, vocab: int, seed: int = 0) -> dict[str, np.nd
             "label_positions": lm_data.label_positions(labels)}
 
 
-def qwen2_sft(size: str, batch: int, seq: int) -> Pair:
-    """Causal-LM SFT (answer-only loss): ``tasks.sft``'s loss in the ``lib.train`` step vs
-    ``Qwen2ForCausalLM`` with ``labels`` (HF shifts them itself; ours are stored shifted)."""
-    hf_cfg = transformers.Qwen2Config(
-        vocab_size=VOCAB, max_position_embeddings=1024, rope_theta=10000.0,
-        tie_word_embeddings=True, **QWEN2_SIZES[size],
-    )
-    torch.manual_seed(0)
-    hf_model = transformers.Qwen2ForCausalLM(hf_cfg)
-    with tempfile.TemporaryDirectory() as tmp:
-        hf_model.save_pretrained(tmp)
-        model, _ = qwen2.load_pretrained(tmp)
+def causal_lm_sft(name: str, hf_class: type, hf_cfg, load: Callable[[str], tuple],
+                  batch: int, seq: int) -> Pair:
+    """Causal-LM SFT (answer-only loss): ``tasks.sft``'s loss in the ``lib.train`` step vs the
+    HF ``hf_class(hf_cfg)`` (a ``*ForCausalLM``) with ``labels`` (HF shifts them itself; ours
+    are stored shifted); ``load(dir) -> (model, cfg)`` is our port's loader. ``hf_cfg`` must
+    have no dropout: the two sides' first losses are compared."""
+    hf_model, model = _hf_and_ours(hf_class, hf_cfg, load)
     host = lm_batch(batch, seq, VOCAB)
     logits_fn = lambda m, b: m(b["input_ids"], b["attention_mask"])[0]
     ours, parts, lower, forward = _our_step(model, lm_data.lm_loss, logits_fn, host)
@@ -275,13 +295,38 @@ def qwen2_sft(size: str, batch: int, seq: int) -> Pair:
     real = host["attention_mask"].astype(bool)  # padded positions' logits are not compared
     diff = float(np.max(np.abs(forward() - hf_logits)[real]))
     torch_step = _torch_step(hf_model, dict(inputs, labels=hf_labels))
-    return Pair(f"qwen2-sft {size}", batch * seq, ours, torch_step, lower, parts, diff)
+    return Pair(name, batch * seq, ours, torch_step, lower, parts, diff)
+
+
+def qwen2_sft(size: str, batch: int, seq: int) -> Pair:
+    """``causal_lm_sft`` on a Qwen2-architecture decoder vs ``Qwen2ForCausalLM``."""
+    hf_cfg = transformers.Qwen2Config(
+        vocab_size=VOCAB, max_position_embeddings=1024, rope_theta=10000.0,
+        tie_word_embeddings=True, **QWEN2_SIZES[size],
+    )
+    return causal_lm_sft(f"qwen2-sft {size}", transformers.Qwen2ForCausalLM, hf_cfg,
+                         qwen2.load_pretrained, batch, seq)
+
+
+def gpt2_sft(size: str, batch: int, seq: int) -> Pair:
+    """``causal_lm_sft`` on GPT-2 (BERT's shapes at each size, MLP 4 x hidden, tied head) vs
+    ``GPT2LMHeadModel``, dropout off on both sides (HF's default ``*_pdrop`` is 0.1)."""
+    s = SIZES[size]
+    hf_cfg = transformers.GPT2Config(
+        vocab_size=VOCAB, n_positions=max(1024, seq), n_layer=s["num_hidden_layers"],
+        n_embd=s["hidden_size"], n_head=s["num_attention_heads"], n_inner=s["intermediate_size"],
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, tie_word_embeddings=True,
+        bos_token_id=None, eos_token_id=None,  # HF's 50256 is outside this vocab
+    )
+    return causal_lm_sft(f"gpt2-sft {size}", transformers.GPT2LMHeadModel, hf_cfg,
+                         gpt2.load_pretrained, batch, seq)
 
 
 # name -> builder(size, batch, seq); a new model/step pair is one more entry.
 PAIRS: dict[str, Callable[[str, int, int], Pair]] = {
     "bert-cls": bert_classification,
     "qwen2-sft": qwen2_sft,
+    "gpt2-sft": gpt2_sft,
 }
 
 

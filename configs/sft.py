@@ -1,4 +1,4 @@
-r"""Supervised fine-tuning of a decoder LM on alpaca / prompt-answer records (SEEDS.md §4).
+r"""Supervised fine-tuning of a decoder LM on alpaca / prompt-answer records.
 
 Variants (``--config=configs/sft.py:VARIANT``):
   demo                   a tiny Qwen2 trained from scratch with a character vocabulary on the
@@ -24,6 +24,8 @@ in ``workdirs/sft/eval/step_N.json``. 104 steps, about 2.5 minutes on 2 busy CPU
 
 import ml_collections
 
+from lib import config as config_lib
+
 PRETRAINED = {
     "qwen2.5-0.5b-masked": "Qwen/Qwen2.5-0.5B",
     "qwen2.5-0.5b-unmasked": "Qwen/Qwen2.5-0.5B",
@@ -31,125 +33,27 @@ PRETRAINED = {
 }
 
 
-def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    """The config of one variant (see the module docstring)."""
-    variant = arg or "demo"
-    if variant != "demo" and variant not in PRETRAINED:
-        raise ValueError(f"unknown variant {variant!r}: demo, {', '.join(PRETRAINED)}")
-    c = ml_collections.ConfigDict()
-    # Task module in tasks/.
-    c.task = "sft"
-    # Which named variant built this config.
-    c.variant = variant
-    # Filled in by main.py from --workdir (where the run keeps its vocabulary, checkpoints, logs).
-    c.workdir = ""
-    # Train params only from another run's workdir (its best, else latest checkpoint).
-    c.init_from = ""
+def lm_config(task: str, variant: str) -> ml_collections.ConfigDict:
+    """``lib.config.base`` with the fields of a causal-LM task (``tasks.sft`` and the tasks
+    built on it): grouped-query heads, LoRA, example lengths and decoding."""
+    c = config_lib.base(task, variant)
+    # Scratch model: grouped-query attention, 2 key/value heads for 4 query heads.
+    c.model.num_key_value_heads = 2
 
-    c.model = ml_collections.ConfigDict()
-    # HF checkpoint directory (Qwen2 or GLM/ChatGLM2); empty: a tiny Qwen2 from scratch (demo).
-    c.model.path = ""
-    # HF hub id this variant stands for (download it on a connected machine).
-    c.model.hub_id = PRETRAINED.get(variant, "")
-    # Compute dtype (params stay fp32): float32, or bfloat16 on accelerators.
-    c.model.dtype = "float32"
-    # Recompute each layer's activations in the backward pass to save memory.
-    c.model.remat = False
-    # Scratch model: hidden size.
-    c.model.hidden_size = 128
-    # Scratch model: decoder layers.
-    c.model.num_layers = 2
-    # Scratch model: attention heads.
-    c.model.num_heads = 4
-    # Scratch model: key/value heads (grouped-query attention).
-    c.model.num_kv_heads = 2
-    # Scratch model: SwiGLU feed-forward width.
-    c.model.intermediate_size = 384
-    # Scratch model: attention dropout.
-    c.model.dropout = 0.0
-    # Scratch model: characters seen fewer times than this map to [UNK].
-    c.model.min_char_freq = 1
-    c.model.lora = ml_collections.ConfigDict()
-    # LoRA rank; 0 trains every parameter.
-    c.model.lora.rank = 0
-    # LoRA scale numerator: the update is (alpha / rank) * B A.
-    c.model.lora.alpha = 32.0
-    # Dropout on the LoRA input.
-    c.model.lora.dropout = 0.1
-    # Module names that get adapters.
-    c.model.lora.targets = ("q_proj", "v_proj")
-    # What --mode=export writes for a LoRA run: "adapter" (a PEFT adapter directory; for a
-    # ChatGLM2/3 base in THUDM's module names) or "merged" (the base with the adapters folded in).
-    c.model.lora.export = "adapter"
-
-    c.data = ml_collections.ConfigDict()
-    # Training records: JSON array or .jsonl of alpaca or {prompt, answer} records.
-    c.data.train = "data/sft/train.json"
-    # Held-out records: answer perplexity and sample generations.
-    c.data.eval = "data/sft/eval.json"
-    # Alpaca prompt template with {instruction} and {input}; empty: tasks.sft.ALPACA_TEMPLATE.
-    c.data.template = ""
-    # "masked": loss on the output and EOS; "unmasked": on the whole sequence.
+    # "masked": loss on the answer and EOS; "unmasked": on the whole sequence.
     c.data.loss_mode = "masked"
     # Tokens per example: prompt + answer + EOS (longer answers are cut, without EOS).
     c.data.max_length = 256
     # Longest prompt; longer ones lose their middle (training and inference alike).
     c.data.max_prompt_length = 192
-    # Last prompt tokens always kept when a prompt is cut (the "Output: " cue).
+    # Last prompt tokens always kept when a prompt is cut (the answer cue).
     c.data.prompt_tail = 8
 
-    c.train = ml_collections.ConfigDict()
-    # Optimizer steps (ignored when epochs > 0).
-    c.train.steps = 1000
-    # Whole passes over the training data; 0: use `steps`.
-    c.train.epochs = 8
-    # Examples per micro-batch (global, across devices).
-    c.train.batch_size = 16
-    # Micro-batches accumulated per optimizer step (token-weighted).
-    c.train.grad_accum = 1
-    # Peak learning rate.
-    c.train.lr = 3e-3
-    # Learning-rate schedule after warmup: linear, cosine or constant.
-    c.train.schedule = "linear"
-    # Warmup steps (warmup_ratio > 0 overrides it).
-    c.train.warmup_steps = 0
-    # Warmup as a fraction of all steps.
-    c.train.warmup_ratio = 0.05
-    # AdamW weight decay (never on biases and norm scales).
-    c.train.weight_decay = 0.01
-    # Clip gradients to this global norm; 0 disables.
-    c.train.grad_clip = 1.0
-    # Seed of initialization, data order and dropout.
-    c.train.seed = 42
-
-    c.mesh = ml_collections.ConfigDict()
-    # Data-parallel axis size; -1 takes the devices left over.
-    c.mesh.data = -1
-    # Fully-sharded data-parallel axis size (shards params and batch).
-    c.mesh.fsdp = 1
-    # Tensor-parallel axis size (shards heads, MLP, vocab).
-    c.mesh.tensor = 1
-
-    c.checkpoint = ml_collections.ConfigDict()
-    # Save every this many steps (evaluations also save).
-    c.checkpoint.every = 50
-    # Latest checkpoints kept (the best by eval.best_metric is kept as well).
-    c.checkpoint.keep = 2
-
-    c.eval = ml_collections.ConfigDict()
-    # Evaluate every this many steps (and at the end).
-    c.eval.every = 50
-    # Metric that picks the best checkpoint.
-    c.eval.best_metric = "loss"
-    # Whether a larger (max) or smaller (min) best_metric is better.
-    c.eval.best_mode = "min"
-    # Eval batch size (perplexity and generation).
-    c.eval.batch_size = 8
-    # Eval records decoded (greedy) and written as samples.
+    # Eval records decoded and written as samples.
     c.eval.num_samples = 4
     # Longest generated answer, in tokens.
     c.eval.max_new_tokens = 64
-    # Sampling settings for generations that sample (eval samples and predict are greedy).
+    # Sample (True) or decode greedily (False) where a task samples.
     c.eval.do_sample = False
     # Sampling temperature.
     c.eval.temperature = 0.9
@@ -157,17 +61,33 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.eval.top_p = 0.9
     # Top-k cut before top-p; 0: none.
     c.eval.top_k = 0
+    return c
 
-    c.log = ml_collections.ConfigDict()
-    # Print and log training metrics every this many steps.
-    c.log.every = 10
 
-    c.predict = ml_collections.ConfigDict()
-    # --mode=predict reads one instruction (or JSON record) per line ('-' = stdin).
-    c.predict.input = "-"
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    """The config of one variant (see the module docstring)."""
+    variant = arg or "demo"
+    if variant != "demo" and variant not in PRETRAINED:
+        raise ValueError(f"unknown variant {variant!r}: demo, {', '.join(PRETRAINED)}")
+    c = lm_config("sft", variant)
+    c.model.hub_id = PRETRAINED.get(variant, "")
+    # Scratch model: SwiGLU feed-forward width.
+    c.model.intermediate_size = 384
+    # Training records: JSON array or .jsonl of alpaca or {prompt, answer} records.
+    c.data.train = "data/sft/train.json"
+    # Held-out records: answer perplexity and sample generations (greedy).
+    c.data.eval = "data/sft/eval.json"
+    # Alpaca prompt template with {instruction} and {input}; empty: tasks.sft.ALPACA_TEMPLATE.
+    c.data.template = ""
+    c.train.epochs = 8
+    c.train.lr = 3e-3
+    c.train.warmup_ratio = 0.05
+    c.checkpoint.every = 50
+    c.eval.every = 50
+    c.eval.batch_size = 8
 
     if variant != "demo":
-        # SEEDS.md §4: bf16, AdamW lr 5e-5 with linear decay, batch 4, 3 epochs.
+        # The recorded setup: bf16, AdamW lr 5e-5 with linear decay, batch 4, 3 epochs.
         c.model.dtype = "bfloat16"
         c.data.max_length = 512
         c.data.max_prompt_length = 384
@@ -179,15 +99,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.eval.every = 500
         c.checkpoint.every = 500
         c.eval.max_new_tokens = 256
-        c.log.every = 10
     if variant == "qwen2.5-0.5b-unmasked":
         c.data.loss_mode = "unmasked"
     if variant == "qwen2.5-1.5b-lora":
-        # LoRA: bs 3, 1 epoch.
+        # LoRA r 8, alpha 32, dropout 0.1 on q_proj/v_proj (the defaults); bs 3, 1 epoch.
         c.model.lora.rank = 8
-        c.model.lora.alpha = 32.0
-        c.model.lora.dropout = 0.1
-        c.model.lora.targets = ("q_proj", "v_proj")
         c.train.batch_size = 3
         c.train.epochs = 1
         c.train.lr = 1e-4

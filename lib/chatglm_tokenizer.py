@@ -10,6 +10,7 @@ and padding uses the ``<unk>`` id (0), on the left.
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -32,6 +33,7 @@ class ChatGLMTokenizer:
                 "tokenizer.model next to config.json"
             )
         self.sp = spm.SentencePieceProcessor(model_file=str(path))
+        self.model_file = path
         n = self.sp.vocab_size()
         self.special_ids = {tok: n + i for i, tok in enumerate(SPECIAL_TOKENS)}
         self.eos_token_id = self.sp.eos_id()
@@ -42,6 +44,14 @@ class ChatGLMTokenizer:
     def from_pretrained(cls, model_dir: str | os.PathLike) -> ChatGLMTokenizer:
         """The tokenizer of a checkpoint directory (its ``tokenizer.model``)."""
         return cls(Path(model_dir) / "tokenizer.model")
+
+    def save_pretrained(self, directory: str | os.PathLike) -> str:
+        """Copy ``tokenizer.model`` into ``directory`` (an exported model's tokenizer)."""
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        if (out / "tokenizer.model").resolve() != self.model_file.resolve():
+            shutil.copy(self.model_file, out / "tokenizer.model")
+        return str(out)
 
     @property
     def vocab_size(self) -> int:

@@ -7,7 +7,7 @@ nothing is counted, so the loss is a mean over ``labels != IGNORE``:
 - ``loss_mode="masked"``: only the answer tokens and the EOS are targets; the prompt is context.
 - ``loss_mode="unmasked"``: every real token after the first is a target (prompt included).
 
-Two bugs of the original SFT scripts (SEEDS.md §4) are fixed here, for every task at once:
+Two bugs of the original SFT scripts are fixed here, for every task at once:
 - *No EOS.* The full fine-tunes never appended an end token, so the model never learned to stop
   and generation ran to the length limit. Every complete answer here ends with the tokenizer's
   EOS, and the EOS is a target in both modes.
@@ -24,6 +24,8 @@ Truncation (``truncate``), when ``prompt + answer + eos`` exceeds ``max_length``
 2. The answer keeps its head, as much as fits after the prompt. The EOS is kept only when the
    whole answer fits: a cut answer did not end there, and an EOS would teach stopping mid-text.
 Inference prompts go through the same rule 1, so training and decoding see the same prompts.
+
+``generate_answers`` decodes answers to prompts (cut by rule 1) in fixed-shape batches.
 
 Prompt and answer are tokenized separately (as at inference, where only the prompt is known):
 ``encode_prompt`` adds the tokenizer's start tokens (``<bos>`` of a ``CharVocab``, ChatGLM's
@@ -46,6 +48,7 @@ from flax import nnx
 
 from lib.data import pad_and_stack
 from lib.errors import UserError
+from lib.generate import generate
 from lib.tokenizer import CharVocab
 
 IGNORE = -100  # label of a position that is not a target (the Hugging Face convention)
@@ -215,6 +218,51 @@ def decode_answer(tokenizer: Any, ids: Sequence[int], extra_stops: Sequence[int]
     ids = [int(i) for i in ids]
     end = next((n for n, i in enumerate(ids) if i in stops), len(ids))
     return tokenizer.decode(ids[:end], skip_special_tokens=True).strip()
+
+
+def generate_answers(
+    model: nnx.Module,
+    tokenizer: Any,
+    prompts: list[str],
+    *,
+    max_prompt_length: int,
+    prompt_tail: int,
+    max_new_tokens: int,
+    batch_size: int,
+    rng: jax.Array | None = None,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    extra_stops: Sequence[int] = (),
+) -> list[str]:
+    """Decode an answer for every prompt, in fixed-shape batches (one compilation).
+
+    An answer ends at the tokenizer's EOS or at an ``extra_stops`` id. The last batch is
+    filled up with copies of the last prompt (their outputs are dropped). Batch ``i`` samples
+    with ``fold_in(rng, i)``, so a given ``rng`` gives the same texts.
+    """
+    if not prompts:
+        return []
+    ids, mask = prompt_arrays(
+        tokenizer, prompts, max_prompt_length=max_prompt_length, prompt_tail=prompt_tail
+    )
+    n = len(prompts)
+    total = -(-n // batch_size) * batch_size
+    fill = np.minimum(np.arange(total), n - 1)
+    ids, mask = ids[fill], mask[fill]
+    rng = jax.random.key(0) if rng is None else rng
+    stops = list(dict.fromkeys([eos_id(tokenizer), *(int(i) for i in extra_stops)]))
+    out: list[str] = []
+    for i, start in enumerate(range(0, total, batch_size)):
+        rows = slice(start, start + batch_size)
+        tokens = generate(
+            model, ids[rows], mask[rows], max_new_tokens=max_new_tokens,
+            rng=jax.random.fold_in(rng, i), do_sample=do_sample, temperature=temperature,
+            top_p=top_p, top_k=top_k, eos_token_id=stops, pad_token_id=pad_id(tokenizer),
+        )
+        out.extend(decode_answer(tokenizer, row, extra_stops) for row in tokens)
+    return out[:n]
 
 
 # ----------------------------------------------------------------------------- loss

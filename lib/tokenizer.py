@@ -23,6 +23,7 @@ Choices of CharVocab, and where it differs from HF's BERT tokenizer:
 from __future__ import annotations
 
 import os
+import re
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -349,3 +350,55 @@ class CharVocab:
         if single and return_tensors is None:
             out = {k: v[0] for k, v in out.items()}
         return out
+
+
+_SPACE_NEAR_WIDE = re.compile(r"(?<=[^\x00-\x7f]) | (?=[^\x00-\x7f])")
+
+
+class BertLMTokenizer:
+    """A BERT ``vocab.txt`` tokenizer used by a causal LM (``uer/gpt2-chinese-*``).
+
+    The convention of those models: a text starts with ``[CLS]`` and ends with ``[SEP]``, so
+    ``encode(text, add_special_tokens=True)`` gives ``[CLS] text`` (a prompt, to be continued)
+    and ``[SEP]`` is the end-of-sequence token (``eos_token_id``) that ends an answer. ``decode``
+    removes the spaces BERT's decoder puts around CJK characters (kept between ASCII words).
+    Everything else is the wrapped HF tokenizer's (``tokenizer``).
+    """
+
+    def __init__(self, tokenizer: Any):
+        self.tokenizer = tokenizer
+        self.bos_token_id = tokenizer.cls_token_id
+        self.eos_token_id = tokenizer.sep_token_id
+        self.pad_token_id = tokenizer.pad_token_id
+        self.vocab_size = len(tokenizer)
+
+    @staticmethod
+    def wraps(tokenizer: Any) -> bool:
+        """Whether an HF tokenizer is a BERT one without an EOS token of its own."""
+        return (getattr(tokenizer, "eos_token_id", None) is None
+                and getattr(tokenizer, "cls_token_id", None) is not None
+                and getattr(tokenizer, "sep_token_id", None) is not None)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """``[CLS] text`` (``add_special_tokens``) or the text's ids alone."""
+        ids = self.tokenizer.encode(text, add_special_tokens=False)
+        return [self.bos_token_id, *ids] if add_special_tokens else list(ids)
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
+        """Text of ``ids`` without the spaces around CJK characters."""
+        text = self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        return _SPACE_NEAR_WIDE.sub("", text)
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def save_pretrained(self, directory: str | os.PathLike) -> Any:
+        """The wrapped tokenizer's files (``vocab.txt`` ...)."""
+        return self.tokenizer.save_pretrained(str(directory))
+
+
+def load_lm_tokenizer(model_dir: str | os.PathLike) -> Any:
+    """A causal LM's tokenizer: the HF one, wrapped in ``BertLMTokenizer`` when it is a BERT
+    vocabulary without an EOS token (GPT-2 Chinese)."""
+    tokenizer = load_hf_tokenizer(model_dir)
+    return BertLMTokenizer(tokenizer) if BertLMTokenizer.wraps(tokenizer) else tokenizer

@@ -1,8 +1,9 @@
 """The trainer: one loop for every task, sharded over a device mesh.
 
-Sections, in order: optimizer, the pure train step, state and shardings, evaluation, the
-loop. The state is a plain pytree ``{"params": ..., "train": {"step", "opt_state"}}`` of pure
-dicts; the model is rebuilt inside the step with ``nnx.merge(graphdef, params, frozen)``.
+Sections, in order: optimizer, the pure train step, state and shardings, the run's files
+(config, evaluations, checkpoints), the loop and restoring a checkpoint. The state is a plain
+pytree ``{"params": ..., "train": {"step", "opt_state"}}`` of pure dicts; the model is rebuilt
+inside the step with ``nnx.merge(graphdef, params, frozen)``.
 Everything random is a pure function of ``(seed, step)`` (the batch order and the dropout
 key), so a run resumed from a checkpoint at step N continues exactly as an uninterrupted one.
 """
@@ -25,33 +26,34 @@ import numpy as np
 import optax
 from flax import nnx
 
+from lib import config as config_lib
 from lib import sharding
 from lib.checkpoint import Checkpoints
-from lib.errors import UserError
+from lib.errors import Preempted, UserError
 from lib.monitor import Monitor
 
 # ----------------------------------------------------------------------------- optimizer
 
 
 def make_schedule(train_cfg, total_steps: int) -> optax.Schedule:
-    """Linear warmup to ``lr``, then ``linear`` / ``cosine`` decay to 0 or ``constant``."""
-    warmup = int(train_cfg.get("warmup_steps", 0) or 0)
-    ratio = float(train_cfg.get("warmup_ratio", 0.0) or 0.0)
-    if ratio > 0:
-        warmup = int(round(ratio * total_steps))
+    """Linear warmup to ``lr``, then ``linear`` / ``cosine`` decay to 0 or ``constant``.
+    ``train_cfg`` is ``config.train``; fields it lacks take the defaults of ``lib.config``."""
+    t = config_lib.complete("train", train_cfg)
+    warmup = int(t.warmup_steps)
+    if t.warmup_ratio > 0:
+        warmup = int(round(float(t.warmup_ratio) * total_steps))
     warmup = min(warmup, total_steps)
-    lr = float(train_cfg.lr)
+    lr = float(t.lr)
     decay_steps = max(total_steps - warmup, 1)
-    kind = train_cfg.get("schedule", "linear")
-    if kind == "linear":
+    if t.schedule == "linear":
         decay = optax.linear_schedule(lr, 0.0, decay_steps)
-    elif kind == "cosine":
+    elif t.schedule == "cosine":
         decay = optax.cosine_decay_schedule(lr, decay_steps)
-    elif kind == "constant":
+    elif t.schedule == "constant":
         decay = optax.constant_schedule(lr)
     else:
         raise UserError(
-            f"config.train.schedule={kind!r}: choose 'linear', 'cosine' or 'constant'"
+            f"config.train.schedule={t.schedule!r}: choose one of linear, cosine, constant"
         )
     if warmup == 0:
         return decay
@@ -68,18 +70,16 @@ def decay_mask(params: Any) -> Any:
 
 
 def make_optimizer(train_cfg, schedule: optax.Schedule) -> optax.GradientTransformation:
-    """AdamW with the decay mask, after global-norm clipping when ``grad_clip > 0``."""
+    """AdamW with the decay mask, after global-norm clipping when ``grad_clip > 0``
+    (``train_cfg`` as for ``make_schedule``)."""
+    t = config_lib.complete("train", train_cfg)
     parts = []
-    if float(train_cfg.get("grad_clip", 0.0) or 0.0) > 0:
-        parts.append(optax.clip_by_global_norm(float(train_cfg.grad_clip)))
+    if t.grad_clip > 0:
+        parts.append(optax.clip_by_global_norm(float(t.grad_clip)))
     parts.append(
         optax.adamw(
-            schedule,
-            b1=float(train_cfg.get("b1", 0.9)),
-            b2=float(train_cfg.get("b2", 0.999)),
-            eps=float(train_cfg.get("eps", 1e-8)),
-            weight_decay=float(train_cfg.get("weight_decay", 0.0)),
-            mask=decay_mask,
+            schedule, b1=float(t.b1), b2=float(t.b2), eps=float(t.eps),
+            weight_decay=float(t.weight_decay), mask=decay_mask,
         )
     )
     return optax.chain(*parts)
@@ -247,7 +247,16 @@ def _compiler_options(platform: str) -> dict | None:
     return _CPU_COMPILER_OPTIONS
 
 
-# ----------------------------------------------------------------------------- evaluation
+# ----------------------------------------------------------------------------- run files
+
+
+def write_json(path: Path, payload: Any) -> Path:
+    """Write ``payload`` as JSON to ``path`` atomically (a temporary file, then a rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path
 
 
 def write_eval(
@@ -255,13 +264,25 @@ def write_eval(
 ) -> Path:
     """Write ``workdir/eval/step_N.json`` (``NAME_step_N.json`` for another split than the
     training run's eval split) atomically and return its path."""
-    out = workdir / "eval" / (f"{name}_step_{step}.json" if name else f"step_{step}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    payload = {"step": step, "metrics": metrics, "samples": samples or []}
-    tmp.write_text(json.dumps(payload, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, out)
+    out = Path(workdir) / "eval" / (f"{name}_step_{step}.json" if name else f"step_{step}.json")
+    return write_json(out, {"step": step, "metrics": metrics, "samples": samples or []})
+
+
+def read_evals(workdir: str | os.PathLike) -> dict[int, dict[str, float]]:
+    """step -> metrics of every ``eval/step_N.json`` of a run (its own eval split)."""
+    out = {}
+    for path in sorted((Path(workdir) / "eval").glob("step_*.json")):
+        payload = json.loads(path.read_text(encoding="utf-8"))
+        out[int(payload["step"])] = payload["metrics"]
     return out
+
+
+def checkpoints(config, workdir: str | os.PathLike) -> Checkpoints:
+    """The run's checkpoints: ``checkpoint.keep`` latest, and the best by ``eval.best_metric``."""
+    return Checkpoints(
+        Path(workdir) / "checkpoints", keep=int(config.checkpoint.keep),
+        best_metric=config.eval.best_metric or None, best_mode=config.eval.best_mode,
+    )
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -292,54 +313,61 @@ class _Preemption:
 def _tokens(batch: dict[str, np.ndarray]) -> int:
     if "attention_mask" in batch:
         return int(np.asarray(batch["attention_mask"]).sum())
-    ids = batch.get("input_ids")
-    return int(np.asarray(ids).size) if ids is not None else 0
+    return int(np.asarray(batch["input_ids"]).size) if "input_ids" in batch else 0
+
+
+def total_steps(config, steps_per_epoch: int) -> int:
+    """The run's step count: ``train.epochs`` passes of ``steps_per_epoch``, else
+    ``train.steps``."""
+    if config.train.epochs > 0:
+        return int(config.train.epochs) * steps_per_epoch
+    return int(config.train.steps)
 
 
 def train(config, workdir: str | os.PathLike, task) -> dict[str, float]:
     """Train ``task`` as ``config`` says, resuming from ``workdir`` if it has checkpoints.
 
-    Returns the last evaluation's metrics.
+    Returns the last evaluation's metrics (of a finished run: read back from its eval file).
+    On SIGTERM it saves a checkpoint and raises ``Preempted``.
     """
     workdir = Path(workdir)
     tcfg = config.train
-    rules = tuple(tuple(r) for r in config.mesh.get("rules", sharding.DEFAULT_RULES))
+    rules = tuple(tuple(r) for r in config.mesh.rules) or sharding.DEFAULT_RULES
+    if jax.process_index() == 0:
+        write_json(workdir / "config.json", json.loads(config.to_json_best_effort()))
 
     # --- mesh
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
-    global_batch = int(tcfg.batch_size) * int(tcfg.get("grad_accum", 1))
+    global_batch = int(tcfg.batch_size) * int(tcfg.grad_accum)
     sharding.check_batch_size(int(tcfg.batch_size), mesh)
 
     # --- model and input
-    model, tokenizer = task.build(config)
-    train_data, eval_data = task.datasets(config, tokenizer)
-    if hasattr(task, "save_assets"):
-        task.save_assets(config, tokenizer, workdir)
+    model, tokenizer = task.build()
+    train_data, eval_data = task.datasets(tokenizer)
+    task.save_assets(tokenizer, workdir)
     steps_per_epoch = max(train_data.steps_per_epoch(global_batch), 1)
-    total_steps = int(tcfg.steps)
-    if int(tcfg.get("epochs", 0) or 0) > 0:
-        total_steps = int(tcfg.epochs) * steps_per_epoch
+    total = total_steps(config, steps_per_epoch)
+    eval_every = int(config.eval.every) or total
+    if config.eval.count > 0:
+        eval_every = max(1, math.ceil(total / int(config.eval.count)))
+    ckpt_every = int(config.checkpoint.every) or total
+    log_every = int(config.log.every) or total
 
     # --- shard
-    schedule = make_schedule(tcfg, total_steps)
+    schedule = make_schedule(tcfg, total)
     tx = make_optimizer(tcfg, schedule)
     graphdef, state, state_sh, frozen, frozen_sh = init_state(
-        model, tx, mesh, rules, getattr(task, "trainable", nnx.Param)
+        model, tx, mesh, rules, task.trainable()
     )
     del model
 
     # --- checkpoint: resume, or start from another run's params
-    ckpt = Checkpoints(
-        workdir / "checkpoints",
-        keep=int(config.checkpoint.get("keep", 2)),
-        best_metric=config.eval.get("best_metric") or None,
-        best_mode=config.eval.get("best_mode", "max"),
-    )
+    ckpt = checkpoints(config, workdir)
     start = ckpt.latest_step()
     if start is not None:
         state = ckpt.restore(start, {"params": state["params"], "train": state["train"]})
         print(f"resumed from {ckpt.directory}/{start}", flush=True)
-    elif config.get("init_from"):
+    elif config.init_from:
         src = Checkpoints(Path(config.init_from) / "checkpoints")
         src_step = src.best_step() or src.latest_step()
         if src_step is None:
@@ -348,11 +376,13 @@ def train(config, workdir: str | os.PathLike, task) -> dict[str, float]:
         src.close()
         print(f"initialized params from {src.directory}/{src_step}", flush=True)
     start = int(state["train"]["step"])
+    print(f"training: {total} steps ({steps_per_epoch} per epoch) of {global_batch} examples, "
+          f"evaluation every {eval_every}" + (" (done)" if start >= total else ""), flush=True)
 
     # --- step
     train_step = compile_step(
         graphdef, task.loss, tx, schedule, state_sh, frozen_sh, mesh,
-        grad_accum=int(tcfg.get("grad_accum", 1)), seed=int(tcfg.seed),
+        grad_accum=int(tcfg.grad_accum), seed=int(tcfg.seed),
     )
 
     def score(params, data) -> tuple[dict[str, float], list]:
@@ -367,13 +397,9 @@ def train(config, workdir: str | os.PathLike, task) -> dict[str, float]:
 
     # --- loop
     monitor = Monitor(
-        str(workdir), total_steps, steps_per_epoch, int(config.log.every),
-        enabled=jax.process_index() == 0,
+        str(workdir), total, steps_per_epoch, log_every, enabled=jax.process_index() == 0
     )
     monitor.truncate_after(start)
-    log_every = int(config.log.every)
-    eval_every = int(config.eval.every) or total_steps
-    ckpt_every = int(config.checkpoint.every) or total_steps
     pending: list[tuple[int, dict, int]] = []
     last_good = ckpt.latest_step()
     last_eval: dict[str, float] = {}
@@ -405,72 +431,86 @@ def train(config, workdir: str | os.PathLike, task) -> dict[str, float]:
         pending.clear()
         t_last, steps_since = time.perf_counter(), 0
 
-    with _Preemption() as preempt:
-        for step in range(start, total_steps):
-            batch = train_data.batch(step, global_batch, int(tcfg.seed))
-            state, metrics = train_step(state, frozen, sharding.shard_batch(batch, mesh))
-            done = step + 1
-            pending.append((done, metrics, _tokens(batch)))
-            steps_since += 1
-            is_eval = done % eval_every == 0 or done == total_steps
-            is_ckpt = done % ckpt_every == 0 or done == total_steps
-            if done % log_every == 0 or is_eval or is_ckpt or preempt.requested:
-                flush()
-            if is_eval:
-                last_eval = evaluate(done)
-            if is_ckpt or is_eval or preempt.requested:
-                ckpt.save(done, {"params": state["params"], "train": state["train"]},
-                          metrics=last_eval if is_eval else None)
-                last_good = done
-                t_last = time.perf_counter()
-            if preempt.requested:
-                print(f"SIGTERM: saved step {done} to {ckpt.directory}; exiting", flush=True)
-                break
-    if total_steps == start and start > 0 and not last_eval:
-        last_eval = evaluate(start)
-    best = ckpt.best_step()
-    if best is not None:
-        print(f"best checkpoint: step {best} by {config.eval.best_metric}", flush=True)
-    test_path = config.data.get("test") if hasattr(task, "test_dataset") else None
-    if test_path and not preempt.requested and jax.process_index() == 0:
-        # The held-out number: the checkpoint chosen on the eval split, on the test split.
-        step = best or ckpt.latest_step()
-        params = ckpt.restore(step, {"params": state["params"]})["params"]
-        metrics, samples = score(params, task.test_dataset(config, tokenizer))
-        write_eval(workdir, step, metrics, samples, name=Path(test_path).stem)
-        shown = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items())
-        print(f"test on {test_path} (step {step}): {shown}", flush=True)
-    ckpt.close()
-    monitor.close()
+    try:
+        with _Preemption() as preempt:
+            for step in range(start, total):
+                batch = train_data.batch(step, global_batch, int(tcfg.seed))
+                state, metrics = train_step(state, frozen, sharding.shard_batch(batch, mesh))
+                done = step + 1
+                pending.append((done, metrics, _tokens(batch)))
+                steps_since += 1
+                is_eval = done % eval_every == 0 or done == total
+                is_ckpt = done % ckpt_every == 0 or done == total
+                if done % log_every == 0 or is_eval or is_ckpt or preempt.requested:
+                    flush()
+                if is_eval:
+                    last_eval = evaluate(done)
+                if is_ckpt or is_eval or preempt.requested:
+                    ckpt.save(done, {"params": state["params"], "train": state["train"]},
+                              metrics=last_eval if is_eval else None)
+                    last_good = done
+                    t_last = time.perf_counter()
+                if preempt.requested:
+                    print(f"SIGTERM: saved step {done} to {ckpt.directory}; exiting", flush=True)
+                    raise Preempted(f"stopped at step {done} of {total}: run the same command "
+                                    "again to resume")
+        if total == start and start > 0 and not last_eval:
+            # A finished run: its last evaluation is on disk (else evaluate it now).
+            last_eval = read_evals(workdir).get(start) or evaluate(start)
+        best = ckpt.best_step()
+        if best is not None:
+            print(f"best checkpoint: step {best} by {config.eval.best_metric}", flush=True)
+        test_data = task.test_dataset(tokenizer)
+        if test_data is not None and jax.process_index() == 0:
+            # The held-out number: the checkpoint chosen on the eval split, on the test split.
+            step = best or ckpt.latest_step()
+            params = ckpt.restore(step, {"params": state["params"]})["params"]
+            metrics, samples = score(params, test_data)
+            write_eval(workdir, step, metrics, samples, name=Path(config.data.test).stem)
+            shown = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items())
+            print(f"test on {config.data.test} (step {step}): {shown}", flush=True)
+    finally:
+        ckpt.close()
+        monitor.close()
     return last_eval
 
 
 def _key(entry: Any) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(entry, attr):
-            return str(getattr(entry, attr))
+    """The name of a pytree path entry (a dict key, an attribute or a sequence index)."""
+    if isinstance(entry, jax.tree_util.DictKey):
+        return str(entry.key)
+    if isinstance(entry, jax.tree_util.GetAttrKey):
+        return entry.name
+    if isinstance(entry, jax.tree_util.SequenceKey):
+        return str(entry.idx)
     return str(entry)
 
 
-def restore_model(config, workdir: str | os.PathLike, task, which: str | int = "best"):
+def load_params(task, model: nnx.Module, workdir: str | os.PathLike, step: int) -> nnx.Module:
+    """``model`` (as ``task.build`` made it; left unchanged) with the trainable params of
+    ``workdir``'s checkpoint ``step``."""
+    graphdef, params, frozen = split_model(model, task.trainable())
+    ckpt = checkpoints(task.config, workdir)
+    restored = ckpt.restore(step, {"params": _pure(params)})["params"]
+    ckpt.close()
+    return nnx.merge(graphdef, restored, frozen)
+
+
+def restore_model(task, workdir: str | os.PathLike, which: str | int = "best"):
     """Build the task's model and load a checkpoint's params from ``workdir``:
     ``(model, tokenizer, step)``. ``which`` is ``"best"`` (else latest), ``"latest"`` or a
     step number."""
-    model, tokenizer = task.build(config)
-    ckpt = Checkpoints(
-        Path(workdir) / "checkpoints",
-        best_metric=config.eval.get("best_metric") or None,
-        best_mode=config.eval.get("best_mode", "max"),
-    )
+    model, tokenizer = task.build()
+    ckpt = checkpoints(task.config, workdir)
+    steps = ckpt.all_steps()
+    best = ckpt.best_step() if which == "best" else None
+    ckpt.close()
     if isinstance(which, int):
-        if which not in ckpt.all_steps():
+        if which not in steps:
             raise UserError(f"{ckpt.directory} has no checkpoint of step {which}")
         step = which
     else:
-        step = (ckpt.best_step() if which == "best" else None) or ckpt.latest_step()
+        step = best or (steps[-1] if steps else None)
     if step is None:
         raise UserError(f"{ckpt.directory} has no checkpoint: train first (--mode=train)")
-    graphdef, params, frozen = split_model(model, getattr(task, "trainable", nnx.Param))
-    restored = ckpt.restore(step, {"params": _pure(params)})["params"]
-    ckpt.close()
-    return nnx.merge(graphdef, restored, frozen), tokenizer, step
+    return load_params(task, model, workdir, step), tokenizer, step

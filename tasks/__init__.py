@@ -1,10 +1,5 @@
-"""Task families. ``get(name)`` returns the task object that ``config.task`` names.
-
-A task is a small object with plain methods (see ARCHITECTURE.md):
-``build(config) -> (model, tokenizer)``, ``datasets(config, tokenizer) -> (train, eval)``,
-``loss(model, batch, rng) -> (loss, aux)``, ``evaluate(model, eval_data) -> (metrics, samples)``,
-``predict(config, model, tokenizer, inputs) -> outputs`` and ``export(...)``.
-"""
+"""Task families. ``create(config, mode)`` returns the task that ``config.task`` names, built on
+its config once the values pass the task's checks; ``tasks.base.Task`` is the interface."""
 
 from __future__ import annotations
 
@@ -15,8 +10,13 @@ from lib.errors import UserError
 TASKS = ("classification", "sft", "loopcot")
 
 
-def get(name: str):
-    """The task object for ``config.task == name``."""
+def task_class(name: str) -> type:
+    """The ``Task`` class of the task ``name``."""
     if name not in TASKS:
-        raise UserError(f"config.task={name!r} is not a task; choose one of {', '.join(TASKS)}")
-    return importlib.import_module(f"tasks.{name}").Task()
+        raise UserError(f"config.task={name!r}: choose one of {', '.join(TASKS)}")
+    return importlib.import_module(f"tasks.{name}").Task
+
+
+def create(config, mode: str = "train"):
+    """The task of ``config.task`` for ``config`` (validated for ``mode``)."""
+    return task_class(config.task).create(config, mode)

@@ -1,4 +1,4 @@
-"""Text classification with a BERT-family encoder (SEEDS.md §3.8).
+"""Text classification with a BERT-family encoder.
 
 Data: TSV lines ``label_id \\t text``; label names one per line in ``config.data.labels``.
 Model: ``BertForSequenceClassification`` from an HF checkpoint (``config.model.path``) or from
@@ -17,11 +17,12 @@ import numpy as np
 import optax
 from flax import nnx
 
+from lib import config as config_lib
 from lib import metrics as metrics_lib
 from lib.data import ArrayDataset, read_tsv
 from lib.errors import UserError
-from lib.models import bert
-from lib.tokenizer import CharVocab, load_hf_tokenizer
+from lib.tokenizer import CharVocab
+from tasks import base
 
 TOKENIZER_DIR = "tokenizer"
 
@@ -67,39 +68,33 @@ def read_examples(path: str, num_labels: int, key: str) -> list[dict]:
     return read_tsv(path, ["label", "text"], {"label": int}, key=key, check=check)
 
 
-def scratch_config(config, vocab_size: int, num_labels: int) -> bert.BertConfig:
-    """A small BERT for training from scratch, sized by ``config.model``."""
-    m = config.model
-    return bert.BertConfig(
-        vocab_size=vocab_size,
-        hidden_size=m.hidden_size,
-        num_hidden_layers=m.num_layers,
-        num_attention_heads=m.num_heads,
-        intermediate_size=m.intermediate_size,
-        max_position_embeddings=max(config.data.max_length, 8),
-        hidden_dropout_prob=m.dropout,
-        attention_probs_dropout_prob=m.dropout,
-        num_labels=num_labels,
-        dtype=m.dtype,
-        remat=m.remat,
-        pooling=m.pooling,
-    )
+class EvalSet:
+    """What ``evaluate`` needs of a split: its examples as arrays, and their texts (samples)."""
+
+    def __init__(self, data: ArrayDataset, texts: list[str]):
+        self.data = data
+        self.texts = texts
 
 
-class Task:
+class Task(base.Task):
     """Sequence classification."""
 
-    def build(self, config):
-        """``(model, tokenizer)``: pretrained from ``model.path``, else from scratch."""
+    RULES = {
+        **base.Task.RULES,
+        "data.test": config_lib.data_file(optional=True, modes=("train",)),
+        "data.labels": config_lib.data_file(modes=config_lib.MODES),
+        "data.max_length": config_lib.at_least(3),
+        "data.truncation": config_lib.one_of(*TRUNCATIONS),
+        "loss.focal_gamma": config_lib.at_least(0),
+    }
+
+    def __init__(self, config):
+        """The labels (``data.labels``) and the loss settings of ``config.loss``."""
+        super().__init__(config)
         self.labels = read_labels(config.data.labels)
         self.max_length = int(config.data.max_length)
-        self.truncation = config.data.get("truncation", "head")
-        if self.truncation not in TRUNCATIONS:
-            raise UserError(
-                f"config.data.truncation={self.truncation!r}: choose one of {TRUNCATIONS}"
-            )
+        self.truncation = config.data.truncation
         self.eval_batch_size = int(config.eval.batch_size)
-        m = config.model
         self.focal_gamma = float(config.loss.focal_gamma)
         weights = list(config.loss.class_weights or [])
         if weights and len(weights) != len(self.labels):
@@ -108,28 +103,26 @@ class Task:
                 f"{len(self.labels)} labels"
             )
         self.class_weights = jnp.asarray(weights, jnp.float32) if weights else None
-        if m.path:
-            model, self.model_config = bert.load_pretrained(
-                m.path, bert.BertForSequenceClassification,
-                num_labels=len(self.labels), dtype=jnp.dtype(m.dtype), pooling=m.pooling,
-            )
-            tokenizer = load_hf_tokenizer(m.path)
-        else:
-            tokenizer = self._char_vocab(config)
-            self.model_config = scratch_config(config, tokenizer.vocab_size, len(self.labels))
-            model = bert.BertForSequenceClassification(
-                self.model_config, rngs=nnx.Rngs(config.train.seed)
-            )
-        return model, tokenizer
 
-    def _char_vocab(self, config) -> CharVocab:
-        saved = Path(config.get("workdir", "") or "") / TOKENIZER_DIR
-        if config.get("workdir") and (saved / "vocab.txt").is_file():
+    def build(self):
+        """``(model, tokenizer)``: the encoder checkpoint of ``model.path`` (BERT/ERNIE) with
+        a classifier of the label set, else a scratch ``model.family`` encoder with a character
+        vocabulary of the training data."""
+        vocab = None if self.config.model.path else self._char_vocab()
+        built = self.build_model("sequence_classification", vocab=vocab,
+                                 num_labels=len(self.labels),
+                                 max_length=int(self.config.data.max_length))
+        return built.model, built.tokenizer
+
+    def _char_vocab(self) -> CharVocab:
+        config = self.config
+        saved = Path(config.workdir) / TOKENIZER_DIR
+        if config.workdir and (saved / "vocab.txt").is_file():
             return CharVocab.load(saved)
         rows = read_tsv(config.data.train, ["label", "text"], {"label": int}, key="data.train")
         return CharVocab.build([r["text"] for r in rows], min_freq=config.model.min_char_freq)
 
-    def save_assets(self, config, tokenizer, workdir: Path) -> None:
+    def save_assets(self, tokenizer, workdir: Path) -> None:
         """Save the tokenizer with the run so ``eval``/``predict`` work without the data."""
         tokenizer.save_pretrained(str(Path(workdir) / TOKENIZER_DIR))
 
@@ -146,22 +139,22 @@ class Task:
         )
         return out
 
-    def _dataset(self, tokenizer, path: str, key: str) -> ArrayDataset:
+    def _dataset(self, tokenizer, key: str) -> EvalSet:
+        """The examples of ``config.<key>``, encoded, and their texts."""
+        path = config_lib.lookup(self.config, key)
         rows = read_examples(path, len(self.labels), key)
-        arrays = self.encode(tokenizer, [r["text"] for r in rows])
+        texts = [r["text"] for r in rows]
+        arrays = self.encode(tokenizer, texts)
         arrays["labels"] = np.asarray([r["label"] for r in rows], np.int32)
-        self.eval_texts = [r["text"] for r in rows]
-        return ArrayDataset(arrays, name=path)
+        return EvalSet(ArrayDataset(arrays, name=path), texts)
 
-    def datasets(self, config, tokenizer):
-        """Train and eval ``ArrayDataset``s from ``data.train`` / ``data.eval``."""
-        train = self._dataset(tokenizer, config.data.train, "data.train")
-        evald = self._dataset(tokenizer, config.data.eval, "data.eval")
-        return train, evald
+    def datasets(self, tokenizer):
+        """A train ``ArrayDataset`` (``data.train``) and an ``EvalSet`` (``data.eval``)."""
+        return self._dataset(tokenizer, "data.train").data, self._dataset(tokenizer, "data.eval")
 
-    def test_dataset(self, config, tokenizer) -> ArrayDataset:
-        """``data.test``: the trainer evaluates the best checkpoint on it after training."""
-        return self._dataset(tokenizer, config.data.test, "data.test")
+    def test_dataset(self, tokenizer) -> EvalSet | None:
+        """``data.test`` (empty: none): the trainer evaluates the best checkpoint on it."""
+        return self._dataset(tokenizer, "data.test") if self.config.data.test else None
 
     def logits(self, model, batch, rngs=None) -> jax.Array:
         """Classifier logits ``[b, num_labels]``."""
@@ -197,22 +190,23 @@ class Task:
             probs.append(np.asarray(forward(model, batch))[valid])
         return np.concatenate(probs)
 
-    def evaluate(self, model, data: ArrayDataset):
-        """Metrics on ``data`` and a few sample predictions."""
-        probs = self._predict_batches(model, data)
+    def evaluate(self, model, eval_data: EvalSet, repeat: int = 0):
+        """Metrics on ``eval_data`` and a few sample predictions (deterministic: ``repeat``
+        changes nothing)."""
+        probs = self._predict_batches(model, eval_data.data)
         pred = probs.argmax(-1)
-        gold = data.arrays["labels"]
+        gold = eval_data.data.arrays["labels"]
         report = metrics_lib.classification_report(gold, pred, self.labels)
         out = {k: v for k, v in report.items() if k != "per_class"}
         for name, m in report["per_class"].items():
             out[f"f1/{name}"] = m["f1"]
         samples = [
             {"text": t[:80], "label": self.labels[g], "pred": self.labels[p]}
-            for t, g, p in zip(self.eval_texts[:8], gold[:8], pred[:8])
+            for t, g, p in zip(eval_data.texts[:8], gold[:8], pred[:8])
         ]
         return out, samples
 
-    def predict(self, config, model, tokenizer, texts: list[str]) -> list[dict]:
+    def predict(self, model, tokenizer, texts: list[str]) -> list[dict]:
         """Label and probability for each text."""
         arrays = self.encode(tokenizer, texts)
         probs = self._predict_batches(model, ArrayDataset(arrays, name="predict"))
@@ -223,5 +217,6 @@ class Task:
 
     def export(self, model, tokenizer, out_dir: str) -> None:
         """An HF directory that ``transformers`` loads as a sequence classifier."""
-        self.model_config.hf_extra["id2label"] = dict(enumerate(self.labels))
-        bert.export_pretrained(model, self.model_config, out_dir, tokenizer=tokenizer)
+        if self.built is not None:
+            self.built.config.hf_extra["id2label"] = dict(enumerate(self.labels))
+        self.export_model(model, out_dir)

@@ -1,4 +1,4 @@
-"""Supervised fine-tuning of a decoder LM on (prompt, answer) records (SEEDS.md §4).
+"""Supervised fine-tuning of a decoder LM on (prompt, answer) records.
 
 Data: a JSON array or a JSONL file (``.jsonl``) of ``{"prompt", "answer"}`` records, or of
 alpaca records ``{"instruction", "input", "output"}`` (``input`` may be missing or empty),
@@ -7,41 +7,39 @@ Examples and the loss come from ``lib.lm_data``: prompt + answer + EOS, the loss
 answer and EOS (``loss_mode="masked"``) or on the whole sequence (``"unmasked"``), padding
 never counted.
 
-Model: Qwen2 or GLM/ChatGLM2 from an HF directory (``config.model.path``; the family is read
-from its ``config.json``), or a small Qwen2 trained from scratch with a character vocabulary
-(``model.path = ""``). ``config.model.lora.rank > 0`` trains LoRA adapters only.
+Model: any decoder port of ``lib.models`` from an HF directory (``config.model.path``: Qwen2,
+Llama, GLM/ChatGLM2/3, GPT-2; the port is read from its ``config.json``), or a small
+``model.family`` decoder trained from scratch with a character vocabulary (``model.path =
+""``). ``config.model.lora.rank > 0`` trains LoRA adapters only, ``model.prefix.length > 0`` a
+p-tuning v2 prefix only.
 
 Evaluation: token-level loss and perplexity of the answers of the eval file (the trained
 targets, so ``masked`` and ``unmasked`` runs are compared on the same tokens: the answers),
 plus a few greedy generations as samples.
 
-This module is also the base of ``tasks.loopcot``, which changes only the data, the
-evaluation and adds the experiment driver.
+This module is also the base of ``tasks.loopcot``, which changes only the data and the
+evaluation.
 """
 
 from __future__ import annotations
 
 import math
-import shutil
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import jax
 import numpy as np
-from flax import nnx
 
+from lib import config as config_lib
 from lib import hf, lm_data
 from lib.data import ArrayDataset, json_object_or_none, read_json, read_jsonl
 from lib.errors import UserError
-from lib.generate import generate
-from lib.models import glm, qwen2
-from lib.tokenizer import CharVocab, load_hf_tokenizer
+from lib.tokenizer import CharVocab
+from tasks import base
 
 TOKENIZER_DIR = "tokenizer"
 
-# SEEDS.md §4 records the template as "You are an AI assistant. … Instruction:{instruction}.
-# \nInput:{input}\nOutput: {output}"; the elided middle is not recorded, this sentence fills it.
+# The recorded template is "You are an AI assistant. … Instruction:{instruction}.\nInput:{input}
+# \nOutput: {output}"; its elided middle is not recorded, this sentence fills it.
 ALPACA_TEMPLATE = (
     "You are an AI assistant. Follow the instruction, using the input if there is one.\n"
     "Instruction:{instruction}.\nInput:{input}\nOutput: "
@@ -80,51 +78,6 @@ def read_pairs(path: str, key: str, template: str = ALPACA_TEMPLATE) -> list[tup
     return out
 
 
-def generate_answers(
-    model: nnx.Module,
-    tokenizer: Any,
-    prompts: list[str],
-    *,
-    max_prompt_length: int,
-    prompt_tail: int,
-    max_new_tokens: int,
-    batch_size: int,
-    rng: jax.Array | None = None,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
-    extra_stops: Sequence[int] = (),
-) -> list[str]:
-    """Decode an answer for every prompt, in fixed-shape batches (one compilation).
-
-    An answer ends at the tokenizer's EOS or at an ``extra_stops`` id. The last batch is
-    filled up with copies of the last prompt (their outputs are dropped). Batch ``i`` samples
-    with ``fold_in(rng, i)``, so a given ``rng`` gives the same texts.
-    """
-    if not prompts:
-        return []
-    ids, mask = lm_data.prompt_arrays(
-        tokenizer, prompts, max_prompt_length=max_prompt_length, prompt_tail=prompt_tail
-    )
-    n = len(prompts)
-    total = -(-n // batch_size) * batch_size
-    fill = np.minimum(np.arange(total), n - 1)
-    ids, mask = ids[fill], mask[fill]
-    rng = jax.random.key(0) if rng is None else rng
-    stops = list(dict.fromkeys([lm_data.eos_id(tokenizer), *(int(i) for i in extra_stops)]))
-    out: list[str] = []
-    for i, start in enumerate(range(0, total, batch_size)):
-        rows = slice(start, start + batch_size)
-        tokens = generate(
-            model, ids[rows], mask[rows], max_new_tokens=max_new_tokens,
-            rng=jax.random.fold_in(rng, i), do_sample=do_sample, temperature=temperature,
-            top_p=top_p, top_k=top_k, eos_token_id=stops, pad_token_id=lm_data.pad_id(tokenizer),
-        )
-        out.extend(lm_data.decode_answer(tokenizer, row, extra_stops) for row in tokens)
-    return out[:n]
-
-
 class SftEval:
     """What ``evaluate`` needs: the eval examples as arrays, and a few prompts to decode."""
 
@@ -134,103 +87,50 @@ class SftEval:
         self.tokenizer = tokenizer
 
 
-def _family(model_dir: str) -> str:
-    """``"qwen2"`` or ``"glm"`` from the ``model_type`` of a checkpoint's config.json."""
-    model_type = hf.read_config(model_dir).get("model_type")
-    if model_type == "qwen2":
-        return "qwen2"
-    if model_type in ("glm", "chatglm"):
-        return "glm"
-    raise UserError(
-        f"{model_dir}/config.json has model_type {model_type!r}; causal-LM tasks load "
-        "'qwen2' (Qwen2/Qwen2.5) and 'glm'/'chatglm' (GLM, ChatGLM2/3) checkpoints"
-    )
-
-
-def _lora_export(lora_config) -> str:
-    """``model.lora.export``: "adapter" (the default) or "merged"."""
-    how = lora_config.get("export", "adapter")
-    if how not in ("adapter", "merged"):
-        raise UserError(f"config.model.lora.export must be 'adapter' or 'merged', got {how!r}")
-    return how
-
-
-class Task:
+class Task(base.Task):
     """Causal-LM fine-tuning on (prompt, answer) pairs."""
+
+    RULES = {
+        **base.Task.RULES,
+        "data.loss_mode": config_lib.one_of("masked", "unmasked"),
+        "data.max_length": config_lib.at_least(2),
+        "data.max_prompt_length": config_lib.at_least(1),
+        "data.prompt_tail": config_lib.at_least(0),
+        "eval.num_samples": config_lib.at_least(0),
+        "eval.max_new_tokens": config_lib.at_least(1),
+        "eval.temperature": config_lib.above(0),
+        "eval.top_p": config_lib.interval(0, 1, low_open=True, high_open=False),
+        "eval.top_k": config_lib.at_least(0),
+    }
 
     # --- model and tokenizer --------------------------------------------------------------
 
-    def build(self, config):
-        """``(model, tokenizer)``: pretrained from ``model.path``, else a scratch Qwen2."""
-        self.config = config
-        m = config.model
-        if m.path:
-            self.family = _family(m.path)
-            module = qwen2 if self.family == "qwen2" else glm
-            model, self.model_config = module.load_pretrained(
-                m.path, dtype=m.dtype, remat=bool(m.remat)
-            )
-            if hf.read_config(m.path).get("model_type") == "chatglm":
-                from lib.chatglm_tokenizer import ChatGLMTokenizer
+    def build(self):
+        """``(model, tokenizer)``: the checkpoint of ``model.path`` (any decoder port), else a
+        scratch ``model.family`` decoder with a character vocabulary of the training data;
+        LoRA or a p-tuning v2 prefix as ``config.model`` says."""
+        vocab = None if self.config.model.path else self._char_vocab()
+        built = self.build_model("causal_lm", vocab=vocab,
+                                 max_length=int(self.config.data.max_length))
+        return built.model, built.tokenizer
 
-                tokenizer = ChatGLMTokenizer.from_pretrained(m.path)
-            else:
-                tokenizer = load_hf_tokenizer(m.path)
-        else:
-            self.family = "qwen2"
-            tokenizer = self._char_vocab(config)
-            self.model_config = qwen2.Qwen2Config(
-                vocab_size=tokenizer.vocab_size,
-                hidden_size=int(m.hidden_size),
-                intermediate_size=int(m.intermediate_size),
-                num_hidden_layers=int(m.num_layers),
-                num_attention_heads=int(m.num_heads),
-                num_key_value_heads=int(m.num_kv_heads),
-                max_position_embeddings=int(config.data.max_length) + 256,
-                rope_theta=10000.0,
-                tie_word_embeddings=True,
-                attention_dropout=float(m.dropout),
-                bos_token_id=tokenizer.bos_id,
-                eos_token_id=tokenizer.eos_id,
-                pad_token_id=tokenizer.pad_id,
-                dtype=m.dtype,
-                remat=bool(m.remat),
-            )
-            model = qwen2.Qwen2ForCausalLM(self.model_config, rngs=nnx.Rngs(config.train.seed))
-        self.trainable = nnx.Param
-        if int(m.lora.rank) > 0:
-            model = self._add_lora(config, model)
-        return model, tokenizer
-
-    def _add_lora(self, config, model):
-        """Wrap ``model.lora.targets`` in LoRA adapters; only the adapters are trained."""
-        from lib.models import lora
-
-        lc = config.model.lora
-        _lora_export(lc)  # a misspelt choice fails now, not after training
-        lora.apply_lora(
-            model, tuple(lc.targets), int(lc.rank), float(lc.alpha), float(lc.dropout),
-            nnx.Rngs(int(config.train.seed) + 1),
-        )
-        self.trainable = lora.LoRAParam
-        return model
-
-    def vocab_texts(self, config) -> list[str]:
+    def vocab_texts(self) -> list[str]:
         """Texts the scratch character vocabulary is built from: the training pairs."""
-        return [p + a for p, a in read_pairs(config.data.train, "data.train", self.template)]
+        return [p + a for p, a in read_pairs(self.config.data.train, "data.train", self.template)]
 
     @property
     def template(self) -> str:
         """The alpaca prompt template in use."""
-        return self.config.data.get("template") or ALPACA_TEMPLATE
+        return self.config.data.template or ALPACA_TEMPLATE
 
-    def _char_vocab(self, config) -> CharVocab:
-        saved = Path(config.get("workdir", "") or "") / TOKENIZER_DIR
-        if config.get("workdir") and (saved / "vocab.txt").is_file():
+    def _char_vocab(self) -> CharVocab:
+        config = self.config
+        saved = Path(config.workdir) / TOKENIZER_DIR
+        if config.workdir and (saved / "vocab.txt").is_file():
             return CharVocab.load(saved)
-        return CharVocab.build(self.vocab_texts(config), min_freq=int(config.model.min_char_freq))
+        return CharVocab.build(self.vocab_texts(), min_freq=int(config.model.min_char_freq))
 
-    def save_assets(self, config, tokenizer, workdir: Path) -> None:
+    def save_assets(self, tokenizer, workdir: Path) -> None:
         """Keep a scratch run's vocabulary with it, so eval/predict work without the data."""
         if isinstance(tokenizer, CharVocab):
             tokenizer.save_pretrained(str(Path(workdir) / TOKENIZER_DIR))
@@ -246,9 +146,9 @@ class Task:
             loss_mode=loss_mode or d.loss_mode,
         )
 
-    def datasets(self, config, tokenizer):
+    def datasets(self, tokenizer):
         """Train ``ArrayDataset`` and an ``SftEval`` from ``data.train`` / ``data.eval``."""
-        self.config = config
+        config = self.config
         train_pairs = read_pairs(config.data.train, "data.train", self.template)
         eval_pairs = read_pairs(config.data.eval, "data.eval", self.template)
         train = ArrayDataset(self.arrays(tokenizer, train_pairs), name=config.data.train)
@@ -264,7 +164,8 @@ class Task:
         return lm_data.lm_loss(model, batch, rng)
 
     def decode_settings(self, greedy: bool = False) -> dict:
-        """Keyword arguments of ``generate_answers`` from ``config.data`` / ``config.eval``."""
+        """Keyword arguments of ``lm_data.generate_answers`` from ``config.data`` /
+        ``config.eval``."""
         d, e = self.config.data, self.config.eval
         return dict(
             max_prompt_length=int(d.max_prompt_length), prompt_tail=int(d.prompt_tail),
@@ -273,8 +174,9 @@ class Task:
             extra_stops=hf.generation_eos_ids(self.config.model.path),
         )
 
-    def evaluate(self, model, eval_data: SftEval):
-        """Answer loss and perplexity on the eval file; greedy generations as samples."""
+    def evaluate(self, model, eval_data: SftEval, repeat: int = 0):
+        """Answer loss and perplexity on the eval file; greedy generations as samples
+        (deterministic: ``repeat`` changes nothing)."""
         nll_sum, count = 0.0, 0.0
         for batch in eval_data.data.eval_batches(int(self.config.eval.batch_size)):
             valid = batch.pop(ArrayDataset.VALID)
@@ -283,7 +185,7 @@ class Task:
             count += float(np.sum(n[valid]))
         loss = nll_sum / max(count, 1.0)
         shown = eval_data.pairs[: int(self.config.eval.num_samples)]
-        outputs = generate_answers(
+        outputs = lm_data.generate_answers(
             model, eval_data.tokenizer, [p for p, _ in shown],
             max_new_tokens=int(self.config.eval.max_new_tokens), **self.decode_settings(True),
         )
@@ -296,9 +198,8 @@ class Task:
 
     # --- inference and export -------------------------------------------------------------
 
-    def predict(self, config, model, tokenizer, inputs: list[str]) -> list[dict]:
+    def predict(self, model, tokenizer, inputs: list[str]) -> list[dict]:
         """Greedy answers; an input line is an instruction, or a JSON alpaca/prompt record."""
-        self.config = config
         prompts = []
         for text in inputs:
             record = json_object_or_none(text) or {}
@@ -308,8 +209,8 @@ class Task:
                 prompts.append(str(record["prompt"]))
             else:
                 prompts.append(alpaca_prompt({"instruction": text}, self.template))
-        outputs = generate_answers(
-            model, tokenizer, prompts, max_new_tokens=int(config.eval.max_new_tokens),
+        outputs = lm_data.generate_answers(
+            model, tokenizer, prompts, max_new_tokens=int(self.config.eval.max_new_tokens),
             **self.decode_settings(greedy=True),
         )
         return [{"input": t, "output": o} for t, o in zip(inputs, outputs)]
@@ -318,21 +219,4 @@ class Task:
         """An HF directory of the model. A LoRA run writes, as ``model.lora.export`` says, a
         PEFT adapter directory for the base (``model.hub_id``, else ``model.path``) or the
         base with the adapters merged in (an HF directory like a full fine-tune's)."""
-        m = self.config.model
-        if self.trainable is not nnx.Param:
-            from lib.models import lora
-
-            if _lora_export(m.lora) == "adapter":
-                lora.export_peft(
-                    model, out_dir, m.get("hub_id") or m.path, targets=tuple(m.lora.targets),
-                    # A ChatGLM2/3 base gets THUDM's module names (fused query_key_value).
-                    base_config=hf.read_config(m.path) if m.path else None,
-                )
-                return
-            model = lora.merge_lora(model)
-        module = qwen2 if self.family == "qwen2" else glm
-        save = tokenizer if hasattr(tokenizer, "save_pretrained") else None
-        module.export_pretrained(model, self.model_config, out_dir, tokenizer=save)
-        if save is None and m.path:
-            # ChatGLM's tokenizer is its SentencePiece file: copy it next to the weights.
-            shutil.copy(Path(m.path) / "tokenizer.model", out_dir)
+        self.export_model(model, out_dir)

@@ -22,10 +22,9 @@ import transformers
 from flax import nnx
 from test_glm import CHATGLM2_CONFIG, HEAD_DIM, HEADS, KV, LAYERS, VOCAB, chatglm_state
 
-from lib import hf
+from lib import hf, models
 from lib.errors import UserError
 from lib.models import glm, lora, qwen2
-from tasks import sft
 
 RANK, ALPHA = 4, 8.0
 PREFIX = "base_model.model."
@@ -165,12 +164,12 @@ def test_chatglm_named_export_is_exact(case, chatglm_dirs, tmp_path):
 
     out = tmp_path / "adapter"
     if case == "qkv-multi-query":
-        task = sft.Task()
-        task.config = ml_collections.ConfigDict({"model": {
+        # What a task's --mode=export does for a LoRA run on a ChatGLM base.
+        model_cfg = ml_collections.ConfigDict({
             "path": str(base_dir), "hub_id": "THUDM/chatglm2-6b", "lora": {"targets": targets},
-        }})
-        task.trainable = lora.LoRAParam
-        task.export(model, None, str(out))
+        })
+        built = models.Built(model, None, lora.LoRAParam, model.config, models.port("chatglm"))
+        models.export(built, model, out, model_cfg)
     else:
         lora.export_peft(model, out, str(base_dir), base_config=hf.read_config(base_dir))
 

@@ -1,4 +1,7 @@
-"""Text classification task: loss options, and the trainer stopping on a NaN loss."""
+"""Text classification task: loss options, the trainer stopping on a NaN loss, and the
+cross-entropy vs focal loss sweep end to end."""
+
+import json
 
 import jax
 import jax.numpy as jnp
@@ -6,8 +9,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import tasks
 from configs import classification as cls_config
-from lib import train
+from lib import cli, train
 from lib.data import ArrayDataset
 from lib.errors import UserError
 from tasks.classification import Task, clip_text
@@ -24,14 +28,14 @@ def data_dir(tmp_path):
     return tmp_path
 
 
-def tiny_config(data_dir, workdir, **train_kw):
-    c = cls_config.get_config("demo")
+def tiny_config(data_dir, workdir, variant="demo", **train_kw):
+    c = cls_config.get_config(variant)
     c.workdir = str(workdir)
     c.data.train = str(data_dir / "train.tsv")
     c.data.eval = str(data_dir / "dev.tsv")
     c.data.labels = str(data_dir / "labels.txt")
     c.data.max_length = 16
-    c.model.hidden_size, c.model.num_layers, c.model.num_heads = 16, 1, 2
+    c.model.hidden_size, c.model.num_hidden_layers, c.model.num_attention_heads = 16, 1, 2
     c.model.intermediate_size, c.model.min_char_freq = 32, 1
     c.train.update({"steps": 12, "batch_size": 8, **train_kw})
     c.log.every, c.eval.every, c.checkpoint.every, c.eval.batch_size = 2, 100, 4, 8
@@ -41,9 +45,9 @@ def tiny_config(data_dir, workdir, **train_kw):
 def test_focal_and_class_weighted_loss(data_dir, tmp_path):
     config = tiny_config(data_dir, tmp_path)
     config.model.dropout = 0.0
-    task = Task()
-    model, tok = task.build(config)
-    train_data, _ = task.datasets(config, tok)
+    task = Task(config)
+    model, tok = task.build()
+    train_data, _ = task.datasets(tok)
     batch = {k: jnp.asarray(v) for k, v in train_data.batch(0, 4, 0, shuffle=False).items()}
     logits = np.asarray(task.logits(model, batch), np.float64)
     logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
@@ -68,8 +72,8 @@ def test_focal_and_class_weighted_loss(data_dir, tmp_path):
 class PoisonedTask(Task):
     """The loss turns NaN from step 7 on (a batch flag, so the step stays jit-pure)."""
 
-    def datasets(self, config, tokenizer):
-        train_data, eval_data = super().datasets(config, tokenizer)
+    def datasets(self, tokenizer):
+        train_data, eval_data = super().datasets(tokenizer)
 
         class Poisoned(ArrayDataset):
             def batch(self, step, batch_size, seed, shuffle=True):
@@ -87,7 +91,7 @@ class PoisonedTask(Task):
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(data_dir, tmp_path):
     config = tiny_config(data_dir, tmp_path)
     with pytest.raises(UserError) as err:
-        train.train(config, tmp_path, PoisonedTask())
+        train.train(config, tmp_path, PoisonedTask(config))
     assert "loss is nan at step 7" in str(err.value)
     assert "last good checkpoint (step 4) is kept" in str(err.value)
     assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir()
@@ -98,7 +102,7 @@ def test_unknown_focal_weights_length_is_an_error(data_dir, tmp_path):
     config = tiny_config(data_dir, tmp_path)
     config.loss.class_weights = (1.0, 2.0, 3.0)
     with pytest.raises(UserError, match="class_weights has 3 values for 2 labels"):
-        Task().build(config)
+        Task(config)
 
 
 def test_head_tail_truncation(data_dir, tmp_path):
@@ -110,8 +114,8 @@ def test_head_tail_truncation(data_dir, tmp_path):
 
     config = tiny_config(data_dir, tmp_path)
     config.data.truncation = "head_tail"
-    task = Task()
-    _, tok = task.build(config)
+    task = Task(config)
+    _, tok = task.build()
     review = "质量很好" * 5 + "做工粗糙"  # 24 characters, budget 14: 3 from the head, 11 the tail
     ids = task.encode(tok, [review])["input_ids"][0]
     assert review[:3] + review[-11:] == "质量很" + "量很好质量很好做工粗糙"
@@ -123,23 +127,81 @@ def test_head_tail_truncation(data_dir, tmp_path):
 
     config.data.truncation = "middle"
     with pytest.raises(UserError, match="data.truncation='middle'"):
-        Task().build(config)
+        Task.create(config)
 
 
 def test_init_from_takes_params_only(data_dir, tmp_path):
     first = tmp_path / "first"
     config = tiny_config(data_dir, first)
-    train.train(config, first, Task())
+    train.train(config, first, Task(config))
     second = tmp_path / "second"
     config2 = tiny_config(data_dir, second, steps=4)
     config2.init_from = str(first)
     config2.train.lr = 0.0  # params must stay exactly the first run's
     config2.train.warmup_ratio = 0.0
-    train.train(config2, second, Task())
-    a, _, step_a = train.restore_model(config, first, Task(), which="latest")
-    b, _, step_b = train.restore_model(config2, second, Task(), which="latest")
+    train.train(config2, second, Task.create(config2))
+    a, _, step_a = train.restore_model(Task(config), first, which="latest")
+    b, _, step_b = train.restore_model(Task(config2), second, which="latest")
     assert (step_a, step_b) == (12, 4)
     leaves_a = jax.tree.leaves(nnx.to_pure_dict(nnx.state(a, nnx.Param)))
     leaves_b = jax.tree.leaves(nnx.to_pure_dict(nnx.state(b, nnx.Param)))
     assert len(leaves_a) == len(leaves_b) > 10
     assert all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(leaves_a, leaves_b))
+
+
+def test_loss_sweep_end_to_end(data_dir, tmp_path):
+    """``configs/classification.py:loss-sweep`` at a tiny size: both runs trained in their own
+    workdirs, each best checkpoint evaluated N times, the summary consistent with the
+    per-repeat values (deterministic evaluation: std 0), the plot, and a rerun that redoes
+    nothing."""
+    workdir = tmp_path / "sweep"
+    config = tiny_config(data_dir, workdir, "loss-sweep", steps=8)
+    config.data.test = ""
+    config.eval.every = config.checkpoint.every = 4
+    config.sweep.repeats = 3
+    out = tasks.create(config).run(workdir)
+
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert set(summary["runs"]) == {"ce", "focal"} and summary["repeats"] == 3
+    names = ["accuracy", "weighted_f1", "macro_f1"]
+    assert summary["metrics"] == names
+    for run, gamma in (("ce", 0.0), ("focal", 2.0)):
+        assert json.loads((workdir / run / "config.json").read_text())["loss"]["focal_gamma"] \
+            == gamma
+        entry = summary["runs"][run]["all"]
+        assert entry["repeats"] == 3 and len(entry["values"]) == 3
+        assert entry["step"] in (4, 8)
+        # The selected checkpoint is the best by weighted F1 among the evaluated ones.
+        history = train.read_evals(workdir / run)
+        assert sorted(history) == [4, 8]
+        assert entry["values"][0]["weighted_f1"] == max(m["weighted_f1"] for m in history.values())
+        for m in names:
+            values = [v[m] for v in entry["values"]]
+            assert entry["mean"][m] == pytest.approx(np.mean(values))
+            assert entry["std"][m] == pytest.approx(np.std(values)) == 0.0
+            assert out[f"{run}/all/{m}"] == entry["mean"][m]
+        mean_file = json.loads((workdir / run / "mean_of_3_all.json").read_text())
+        assert mean_file["values"] == entry["values"]
+    assert set(summary["untrained"]) == {"all"}
+    assert len(summary["untrained"]["all"]["values"]) == 1
+    assert [line.split()[0] for line in summary["table"][2:]] == ["untrained", "ce", "focal"]
+    assert (workdir / "plots" / "all_result.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # Run again: the trainings are finished and the means on disk; nothing is redone.
+    stamps = {p: p.stat().st_mtime_ns for p in workdir.glob("*/mean_of_*.json")}
+    assert tasks.create(config).run(workdir) == out
+    assert {p: p.stat().st_mtime_ns for p in workdir.glob("*/mean_of_*.json")} == stamps
+
+    # --mode=eval on one run (its directory names it): the selected checkpoint's numbers.
+    cli.run(config, workdir / "focal", "eval")
+    step = summary["runs"]["focal"]["all"]["step"]
+    evaluated = json.loads((workdir / "focal" / "eval" / f"dev_step_{step}.json").read_text())
+    assert evaluated["metrics"] == train.read_evals(workdir / "focal")[step]
+
+
+def test_sweep_run_with_an_unknown_key_fails_before_training(data_dir, tmp_path):
+    config = tiny_config(data_dir, tmp_path, "loss-sweep")
+    config.sweep.runs.focal.loss = {"focal_gama": 2.0}
+    with pytest.raises(UserError, match="config.sweep.runs.focal: 'loss.focal_gama' is not"):
+        tasks.create(config).run(tmp_path)
+    assert not (tmp_path / "ce").exists()

@@ -35,8 +35,8 @@ def tiny_flags(data: Path, workdir: Path, **overrides) -> list[str]:
         "data.test": data / "dev.tsv",
         "model.pooling": "cls",  # the [CLS] head exports to an HF classifier
         "model.hidden_size": 32,
-        "model.num_layers": 1,
-        "model.num_heads": 2,
+        "model.num_hidden_layers": 1,
+        "model.num_attention_heads": 2,
         "model.intermediate_size": 64,
         "model.min_char_freq": 1,
         "data.max_length": 32,
@@ -258,3 +258,42 @@ def test_label_outside_label_set(data, tmp_path):
 def test_incompatible_checkpoint(data, reference, tmp_path):
     result = run(tiny_flags(data, reference, **{"model.hidden_size": 64}))
     one_line_error(result, "incompatible", "shape")
+
+
+def test_values_out_of_range(data, tmp_path):
+    line = one_line_error(run(tiny_flags(data, tmp_path, **{"train.lr": -1.0})))
+    assert line == "error: config.train.lr=-1.0: must be >= 0"
+    line = one_line_error(run(tiny_flags(data, tmp_path, **{"train.warmup_ratio": 1.5})))
+    assert line == "error: config.train.warmup_ratio=1.5: must be in [0, 1)"
+    line = one_line_error(run(tiny_flags(data, tmp_path, **{"train.steps": 0})))
+    assert line == "error: config.train.steps=0: must be >= 1 (or train.epochs >= 1)"
+    assert not tmp_path.joinpath("checkpoints").exists()  # nothing ran
+
+
+def test_value_not_among_the_choices(data, tmp_path):
+    result = run(tiny_flags(data, tmp_path, **{"train.schedule": "cosin"}))
+    assert result.returncode == 2
+    line = one_line_error(result)
+    assert line == "error: config.train.schedule='cosin': choose one of linear, cosine, constant"
+    result = run(tiny_flags(data, tmp_path, **{"data.truncation": "middle"}) + ["--mode=eval"])
+    line = one_line_error(result)
+    assert line == "error: config.data.truncation='middle': choose one of head, head_tail"
+
+
+def test_missing_data_file(data, tmp_path):
+    missing = tmp_path / "nope.tsv"
+    result = run(tiny_flags(data, tmp_path / "w", **{"data.eval": missing}))
+    assert result.returncode == 2
+    assert one_line_error(result) == f"error: config.data.eval='{missing}': no such file"
+
+
+def test_workdir_that_is_a_file(data, tmp_path):
+    afile = tmp_path / "taken"
+    afile.write_text("not a directory\n")
+    result = run(tiny_flags(data, afile))
+    assert result.returncode == 2
+    line = one_line_error(result, str(afile))
+    assert line == f"error: config.workdir='{afile}': is a file; --workdir must name a directory"
+    result = run(tiny_flags(data, afile / "run"))
+    one_line_error(result, "cannot create it", str(afile))
+    assert afile.read_text() == "not a directory\n"

@@ -5,12 +5,13 @@ import json
 
 import pytest
 
+import tasks
 from configs import loopcot as loopcot_config
-from lib import train
+from lib import sweep, train
 from lib.errors import UserError
 from lib.tokenizer import CharVocab
-from tasks import loopcot
-from tasks.loopcot import PoetryData
+from tasks import loopcot, poetry
+from tasks.poetry import PoetryData
 
 RECORDS = [
     {"title": "静夜思", "author": "李白",
@@ -35,7 +36,7 @@ def config(tmp_path):
     (tmp_path / "pairs.json").write_text(json.dumps(RECORDS, ensure_ascii=False))
     (tmp_path / "extra.json").write_text(json.dumps(EXTRA, ensure_ascii=False))
     c = loopcot_config.get_config()
-    c.data.train = c.data.test = str(tmp_path / "pairs.json")
+    c.data.train = c.data.eval = str(tmp_path / "pairs.json")
     c.data.extra_generation = ""
     return c
 
@@ -67,11 +68,11 @@ def test_examples_per_experiment(config, tmp_path):
     by_summary = [(gen_prompt(s), r["poem"]) for s, r in zip(summaries, RECORDS)]
     assert len(most) == 3 * n
     assert sorted(most) == sorted(generation + by_summary + appreciation)
-    parts = data.test_parts(loopcot.parse_run("mix_summarize_keywords")[1])
+    parts = data.test_parts(poetry.parse_mix("mix_summarize_keywords")[1])
     assert list(parts) == ["generation", "generation_summary", "appreciation"]
     assert parts["generation"] == generation and parts["generation_summary"] == by_summary
     assert parts["appreciation"] == appreciation
-    assert list(data.test_parts(loopcot.parse_run("mix")[1])) == ["generation", "appreciation"]
+    assert list(data.test_parts(poetry.parse_mix("mix")[1])) == ["generation", "appreciation"]
     # Extra keyword poems join the generation examples of every run that generates.
     config.data.extra_generation = str(tmp_path / "extra.json")
     data = PoetryData(config)
@@ -80,17 +81,17 @@ def test_examples_per_experiment(config, tmp_path):
     assert last == (gen_prompt("孤舟，寒江"), EXTRA[0]["poem"])
     assert len(data.train_examples("mix")) == 2 * n + 1
     assert len(data.train_examples("mix_summarize_keywords")) == 3 * n + 1
-    with pytest.raises(UserError, match="unknown run 'single'"):
-        loopcot.parse_run("single")
+    with pytest.raises(UserError, match="data.mix='single'"):
+        poetry.parse_mix("single")
 
 
 def test_summaries_and_theme_file(config, tmp_path):
     text = "此诗歌颂了开国之君刘备的历史功绩。天地英雄的气派"
-    assert loopcot.summarize(text) == "歌颂了开国之君刘备的历史"
-    assert loopcot.summarize("天山下了一场大雪，薄海刮来寒冷的风。") == "天山下了一场大雪"
-    assert loopcot.summarize("秋。夜深，人静。") == "秋，夜深"  # short clauses are joined
+    assert poetry.summarize(text) == "歌颂了开国之君刘备的历史"
+    assert poetry.summarize("天山下了一场大雪，薄海刮来寒冷的风。") == "天山下了一场大雪"
+    assert poetry.summarize("秋。夜深，人静。") == "秋，夜深"  # short clauses are joined
     shipped = json.loads(open("data/poetry/pairs.json", encoding="utf-8").read())
-    lengths = [len(loopcot.summarize(r["appreciation"])) for r in shipped]
+    lengths = [len(poetry.summarize(r["appreciation"])) for r in shipped]
     assert max(lengths) <= 13 and min(lengths) >= 4
     (tmp_path / "themes.json").write_text(json.dumps({"春晓": "春日晨景"}, ensure_ascii=False))
     config.data.theme_file = str(tmp_path / "themes.json")
@@ -100,45 +101,45 @@ def test_summaries_and_theme_file(config, tmp_path):
 
 
 def test_chat_template_switch(config):
-    task = loopcot.Task()
     vocab = CharVocab.build(PoetryData(config).all_texts())
-    bare = task.eval_set(config, vocab, ("appreciation",)).prompts["appreciation"]
+    bare = loopcot.Task(config).eval_set(vocab, ("appreciation",)).prompts["appreciation"]
     assert bare[0] == app_prompt(RECORDS[0]["poem"])
-    config.data.chat_template_at_inference = True
-    wrapped = task.eval_set(config, vocab, ("appreciation",)).prompts["appreciation"]
+    wrapping = config.copy_and_resolve_references()
+    wrapping.data.chat_template_at_inference = True
+    wrapped = loopcot.Task(wrapping).eval_set(vocab, ("appreciation",)).prompts["appreciation"]
     assert wrapped[0] == "[Round 1]\n\n问：" + app_prompt(RECORDS[0]["poem"]) + "\n\n答："
     # Training prompts stay bare either way.
-    task.config = config
-    assert PoetryData(config).train_examples("single_appreciation")[0][0] == bare[0]
+    assert PoetryData(wrapping).train_examples("single_appreciation")[0][0] == bare[0]
 
 
 def test_mean_and_std_aggregation():
     values = [{"rouge-1": 10.0, "bleu-4": 1.0}, {"rouge-1": 14.0, "bleu-4": 2.0},
               {"rouge-1": 12.0, "bleu-4": 6.0}]
-    stats = loopcot.aggregate(values)
+    stats = sweep.aggregate(values)
     assert stats["mean"] == {"rouge-1": 12.0, "bleu-4": 3.0}
     assert stats["std"]["rouge-1"] == pytest.approx((8 / 3) ** 0.5)  # population std
     assert stats["std"]["bleu-4"] == pytest.approx((14 / 3) ** 0.5)
-    row = {"mean": dict.fromkeys(loopcot.METRICS, 1.5), "std": dict.fromkeys(loopcot.METRICS, 0.25)}
-    table = loopcot.format_table([("mix", "generation", row)])
+    metrics = loopcot_config.METRICS
+    row = {"mean": dict.fromkeys(metrics, 1.5), "std": dict.fromkeys(metrics, 0.25)}
+    table = sweep.format_table([("mix", "generation", row)], metrics)
     assert table.splitlines()[2].split() == ["mix", "generation"] + ["1.50", "±", "0.25"] * 4
 
 
 def test_micro_experiment_end_to_end(config, tmp_path):
     c = config
-    c.experiment.runs = ("mix",)
-    c.experiment.evals_per_run = 2
-    c.model.hidden_size, c.model.num_layers, c.model.intermediate_size = 32, 1, 64
-    c.model.num_heads, c.model.num_kv_heads = 2, 1
+    c.sweep.runs = loopcot_config.mixes("mix")
+    c.eval.count = 2
+    c.model.hidden_size, c.model.num_hidden_layers, c.model.intermediate_size = 32, 1, 64
+    c.model.num_attention_heads, c.model.num_key_value_heads = 2, 1
     c.data.max_length, c.data.max_prompt_length, c.data.prompt_tail = 64, 40, 8
     c.train.epochs, c.train.batch_size, c.train.lr = 8, 8, 1e-2
-    c.eval.repeats = c.eval.untrained_repeats = 2
+    c.sweep.repeats = c.sweep.untrained_repeats = 2
     c.eval.batch_size = 4
     c.eval.max_new_tokens.generation = c.eval.max_new_tokens.appreciation = 8
     c.log.every = 4
     workdir = tmp_path / "exp"
     c.workdir = str(workdir)
-    out = loopcot.Task().run(c, workdir)
+    out = tasks.create(c).run(workdir)
 
     run_dir = workdir / "mix"
     # 6 examples, batch 8: 1 step per epoch, 8 steps, a checkpoint and an eval every 4.
@@ -148,12 +149,12 @@ def test_micro_experiment_end_to_end(config, tmp_path):
                   if p.name.isdigit()) == [4, 8]
     step8 = json.loads((run_dir / "eval" / "step_8.json").read_text())["metrics"]
     assert set(step8) == {f"{p}/{m}" for p in ("generation", "appreciation")
-                          for m in loopcot.METRICS} | {"rouge-1"}
+                          for m in loopcot_config.METRICS} | {"rouge-1"}
     for part in ("generation", "appreciation"):
         mean = json.loads((run_dir / f"mean_of_2_{part}.json").read_text())
         assert mean["repeats"] == 2 and len(mean["values"]) == 2
         assert mean["step"] in (4, 8)
-        for m in loopcot.METRICS:
+        for m in loopcot_config.METRICS:
             vals = [v[m] for v in mean["values"]]
             assert mean["mean"][m] == pytest.approx(sum(vals) / 2)
             assert mean["std"][m] == pytest.approx(abs(vals[0] - vals[1]) / 2)
@@ -167,13 +168,12 @@ def test_micro_experiment_end_to_end(config, tmp_path):
     assert set(summary["untrained"]) == {"generation", "appreciation"}
     assert "generation" in summary["trained_vs_untrained"]
     # Run again: everything is on disk, nothing is trained or re-evaluated.
-    task = loopcot.Task()
-    again = task.run(c, workdir)
+    again = tasks.create(c).run(workdir)
     assert again == out
     # Inference from the run's best checkpoint: one line per direction, reproducible.
-    rc = task.run_config(c, workdir, "mix")
-    model, vocab, step = train.restore_model(rc, workdir / "mix", task)
+    task = loopcot.Task(sweep.run_config(c, workdir, "mix"))
+    model, vocab, step = train.restore_model(task, workdir / "mix")
     lines = ['{"theme": "明月", "form": "5言绝句"}', '{"poem": "床前明月光"}', "请生成诗歌：\n"]
-    outs = task.predict(rc, model, vocab, lines)
+    outs = task.predict(model, vocab, lines)
     assert [o["part"] for o in outs] == ["generation", "appreciation", "generation"]
-    assert task.predict(rc, model, vocab, lines) == outs
+    assert task.predict(model, vocab, lines) == outs

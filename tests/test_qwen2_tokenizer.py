@@ -357,8 +357,8 @@ def test_sft_run_and_predict_from_a_qwen2_directory(qwen_dir, tok, tmp_path):
         section, name = key.split(".")
         config[section][name] = type(config[section][name])(value)
     config.workdir = str(workdir)
-    task = sft.Task()
-    model, loaded, step = train.restore_model(config, workdir, task)
+    task = sft.Task(config)
+    model, loaded, step = train.restore_model(task, workdir)
     assert step == 200 and (loaded.eos_token_id, loaded.pad_token_id) == (EOT, EOT)
     prompts = [r["instruction"] + r["input"] + "=" for r in RECORDS[:3]]
     ids, mask = left_pad([tok.encode(p) for p in prompts], EOT, length=8)
@@ -377,7 +377,7 @@ def test_sft_run_and_predict_from_a_qwen2_directory(qwen_dir, tok, tmp_path):
 
     # HF's greedy generate on the exported weights gives the same tokens.
     export = tmp_path / "export"
-    qwen2.export_pretrained(model, task.model_config, export)
+    qwen2.export_pretrained(model, task.built.config, export)
     hf = transformers.Qwen2ForCausalLM.from_pretrained(export).eval()
     for row, prompt in zip(out.tolist(), prompts):
         x = torch.tensor([tok.encode(prompt)])
@@ -413,7 +413,7 @@ def test_lora_run_exports_an_adapter_or_the_merged_model(qwen_dir, tok, tmp_path
         else:
             config[section][name] = type(config[section][name])(value)
     config.workdir = str(workdir)
-    model, _, step = train.restore_model(config, workdir, sft.Task())
+    model, _, step = train.restore_model(sft.Task(config), workdir)
     assert step == 20
     ids = np.array([tok.encode(text)[:8] for text in corpus()[:4]])
     ours = np.asarray(model(jnp.asarray(ids))[0])
@@ -427,7 +427,7 @@ def test_lora_run_exports_an_adapter_or_the_merged_model(qwen_dir, tok, tmp_path
     assert np.abs(ours - plain).max() > 1e-2  # the adapters changed the function
     assert np.abs(via_adapter - ours).max() <= 1e-4
     assert np.abs(via_merged - ours).max() <= 1e-4
-    with pytest.raises(AssertionError, match="model.lora.export must be 'adapter' or 'merged'"):
+    with pytest.raises(AssertionError, match="lora.export='both': choose one of adapter, merged"):
         _main(workdir, {**overrides, "model.lora.export": "both"}, "--mode=export")
 
 
@@ -442,16 +442,15 @@ def test_loopcot_examples_with_a_qwen2_directory(qwen_dir, tok, tmp_path):
     (tmp_path / "pairs.json").write_text(json.dumps(records, ensure_ascii=False))
     c = loopcot_config.get_config("qwen2.5-0.5b")
     c.model.path = str(qwen_dir)
-    c.data.train = c.data.test = str(tmp_path / "pairs.json")
+    c.data.train = c.data.eval = str(tmp_path / "pairs.json")
     c.data.extra_generation = ""
     c.data.max_length, c.data.max_prompt_length = LOOP_LEN, 192  # nothing is cut
-    c.experiment.runs = ("mix",)
-    task = loopcot.Task()
-    task.config = c
-    model, loaded = task.build(c)
+    c.data.mix = "mix"
+    task = loopcot.Task(c)
+    model, loaded = task.build()
     assert type(loaded).__name__ == "Qwen2Tokenizer" and loaded.eos_token_id == EOT
     assert model.config.vocab_size == len(tok)
-    train_data, eval_data = task.datasets(c, loaded)
+    train_data, eval_data = task.datasets(loaded)
     pairs = loopcot.PoetryData(c).train_examples("mix")
     arrays = train_data.arrays
     assert arrays["input_ids"].shape == (6, LOOP_LEN)

@@ -155,11 +155,11 @@ def test_generation_config_eos_ids_also_end_answers(tmp_path):
 
     model = _tiny_lm(vocab.vocab_size)
     settings = dict(max_prompt_length=8, prompt_tail=0, max_new_tokens=6, batch_size=2)
-    plain = sft.generate_answers(model, vocab, ["春眠", "处处"], **settings)
+    plain = lm_data.generate_answers(model, vocab, ["春眠", "处处"], **settings)
     assert all(len(text) > 0 for text in plain), plain
     # Stopping at the first generated character of each answer leaves nothing.
     firsts = [vocab.encode(text[0], add_special_tokens=False)[0] for text in plain]
-    cut = sft.generate_answers(model, vocab, ["春眠", "处处"], **settings, extra_stops=firsts)
+    cut = lm_data.generate_answers(model, vocab, ["春眠", "处处"], **settings, extra_stops=firsts)
     assert cut == ["", ""]
 
 
@@ -198,8 +198,8 @@ def _tiny_config(tmp_path) -> ml_collections.ConfigDict:
     c.data.max_length = 16
     c.data.max_prompt_length = 8
     c.data.prompt_tail = 1
-    c.model.hidden_size, c.model.num_layers, c.model.intermediate_size = 32, 1, 64
-    c.model.num_heads, c.model.num_kv_heads = 2, 1
+    c.model.hidden_size, c.model.num_hidden_layers, c.model.intermediate_size = 32, 1, 64
+    c.model.num_attention_heads, c.model.num_key_value_heads = 2, 1
     c.train.epochs, c.train.steps, c.train.batch_size = 0, 30, 8
     c.train.lr, c.train.warmup_ratio = 1e-2, 0.0
     c.eval.every = c.checkpoint.every = 30
@@ -210,7 +210,7 @@ def _tiny_config(tmp_path) -> ml_collections.ConfigDict:
 
 def test_tiny_sft_training_reduces_the_loss(tmp_path):
     config = _tiny_config(tmp_path)
-    after = train.train(config, config.workdir, sft.Task())
+    after = train.train(config, config.workdir, sft.Task.create(config))
     history = json.loads((tmp_path / "run" / "plots" / "history.json").read_text())
     losses = [p["loss"] for p in history["train"]]
     assert len(losses) == 30

@@ -1,4 +1,7 @@
-"""The trainer: sharding on 8 simulated devices, gradient accumulation, schedules, decay mask."""
+"""The trainer: sharding on 8 simulated devices, gradient accumulation, schedules, decay mask;
+the shared config fields and their validation."""
+
+import re
 
 import jax
 import jax.numpy as jnp
@@ -9,6 +12,9 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+import tasks
+from configs import classification, loopcot, sft
+from lib import config as config_lib
 from lib import sharding, train
 from lib.errors import UserError
 from lib.models import bert
@@ -171,3 +177,61 @@ def test_indivisible_dims_stay_replicated():
     assert sharding.logical_to_mesh(("vocab", "embed"), (33, 32), mesh) == P(None, "fsdp")
     assert sharding.logical_to_mesh(("embed", "mlp"), (32, 64), mesh) == P("fsdp", "tensor")
     assert jnp.zeros(()).shape == ()
+
+
+def test_shipped_configs_pass_their_checks():
+    for module, variants in ((classification, ("demo", "loss-sweep", "bert-base-chinese")),
+                             (sft, ("demo", "qwen2.5-1.5b-lora")),
+                             (loopcot, ("demo", "chatglm2-6b-lora"))):
+        for variant in variants:
+            config = module.get_config(variant)
+            assert type(tasks.create(config)).__module__ == f"tasks.{config.task}"
+            # The trainer's fields come from the one base: same keys in every experiment.
+            for section in ("train", "mesh", "checkpoint", "log", "sweep"):
+                assert set(config[section]) == set(config_lib.base("", "")[section]), section
+
+
+@pytest.mark.parametrize("key, value, allowed", [
+    ("train.batch_size", 0, "must be >= 1"),
+    ("train.grad_clip", -1.0, "must be >= 0"),
+    ("train.eps", 0.0, "must be > 0"),
+    ("train.b2", 1.0, "must be in [0, 1)"),
+    ("model.dropout", 1.0, "must be in [0, 1)"),
+    ("model.dtype", "float16", "choose one of float32, bfloat16"),
+    ("eval.best_mode", "best", "choose one of max, min"),
+    ("checkpoint.keep", 0, "must be >= 1"),
+    ("log.every", -1, "must be >= 0"),
+    ("mesh.fsdp", 0, "must be >= 1, or -1 (the devices left over)"),
+    ("sweep.repeats", 0, "must be >= 1"),
+    ("data.loss_mode", "half", "choose one of masked, unmasked"),
+    ("model.lora.export", "both", "choose one of adapter, merged"),
+    ("eval.top_p", 0.0, "must be in (0, 1]"),
+    ("data.mix", "single", "choose one of single_generation, single_appreciation, mix, "
+                           "mix_summarize_keywords"),
+    ("data.theme_file", "nope.json", "no such file (empty: none)"),
+])
+def test_a_bad_value_names_its_key_and_what_is_allowed(key, value, allowed):
+    config = loopcot.get_config()
+    section, name = key.rsplit(".", 1)
+    config_lib.lookup(config, section)[name] = value
+    message = f"config.{key}={value!r}: {allowed}"
+    with pytest.raises(UserError, match=f"^{re.escape(message)}$"):
+        tasks.create(config)
+    # Data files are read in train and eval only: predict and export use the run's assets.
+    if key == "data.theme_file":
+        tasks.create(config, "predict")
+
+
+def test_overrides_and_partial_sections():
+    config = classification.get_config()
+    over = config_lib.with_overrides(config, config_lib.nest({"loss.focal_gamma": 2.0,
+                                                              "train.steps": 5}), "sweep.runs.x")
+    assert (over.loss.focal_gamma, over.train.steps) == (2.0, 5)
+    assert (config.loss.focal_gamma, config.train.steps) == (0.0, 1200)  # a copy
+    with pytest.raises(UserError, match=r"config.sweep.runs.x: 'loss.gamma' is not a config key"):
+        config_lib.with_overrides(config, {"loss": {"gamma": 1.0}}, "sweep.runs.x")
+    with pytest.raises(UserError, match=r"train.steps='many' does not fit the field's type"):
+        config_lib.with_overrides(config, {"train": {"steps": "many"}}, "sweep.runs.x")
+    # A hand-made section takes the base defaults for what it omits.
+    partial = config_lib.complete("train", ml_collections.ConfigDict({"lr": 0.5}))
+    assert (partial.lr, partial.b2, partial.schedule) == (0.5, 0.999, "linear")

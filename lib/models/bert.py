@@ -604,3 +604,42 @@ def export_pretrained(
         state, cfg.to_hf(model.hf_head), out_dir, tokenizer=tokenizer,
         max_shard_bytes=max_shard_bytes,
     )
+
+
+# ----------------------------------------------------------------------------- registry
+
+HEAD_CLASSES = {"sequence_classification": BertForSequenceClassification,
+                "masked_lm": BertForMaskedLM}
+
+
+def _load_head(model_dir, head: str, *, dtype, remat: bool, num_labels=None, pooling="cls"):
+    return load_pretrained(model_dir, HEAD_CLASSES[head], num_labels=num_labels,
+                           dtype=jnp.dtype(dtype), remat=remat, pooling=pooling)
+
+
+def scratch_config(model_cfg, tokenizer, *, max_length=None, num_labels=None,
+                   pooling="cls") -> BertConfig:
+    """A BERT to train from scratch, sized by ``config.model`` (HF field names; ``dropout``
+    for hidden states and attention), with ``tokenizer``'s vocabulary."""
+    m = model_cfg
+    return BertConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=m.hidden_size,
+        num_hidden_layers=m.num_hidden_layers, num_attention_heads=m.num_attention_heads,
+        intermediate_size=m.intermediate_size, max_position_embeddings=max(max_length or 512, 8),
+        hidden_dropout_prob=m.dropout, attention_probs_dropout_prob=m.dropout,
+        num_labels=num_labels or 2, dtype=m.dtype, remat=m.remat, pooling=pooling,
+    )
+
+
+def _port():
+    from lib.models import Port
+    from lib.tokenizer import load_hf_tokenizer
+
+    return Port(
+        name="bert", heads=tuple(HEAD_CLASSES), load=_load_head,
+        create=lambda cfg, head, rngs: HEAD_CLASSES[head](cfg, rngs=rngs),
+        scratch_config=scratch_config, export=export_pretrained, tokenizer=load_hf_tokenizer,
+    )
+
+
+PORT = _port()

@@ -12,9 +12,9 @@ the adapters to the optimizer (``lib.train.init_state``); everything else travel
 Two ways out: ``merge_lora`` folds the adapters into the base kernels and puts the plain
 Linear back (parameter paths and HF names are those of the original model again, so the
 family's ``export_pretrained`` works unchanged); ``export_peft`` writes an adapter directory
-that ``peft.PeftModel.from_pretrained`` loads onto the HF PyTorch model, named after our modules
-(the HF names of Qwen2 and HF ``glm``) or, for a ChatGLM2/3 base, after THUDM's module tree with
-the q/k/v adapters fused into one ``query_key_value`` adapter.
+that ``peft.PeftModel.from_pretrained`` loads onto the HF PyTorch model, named after the HF
+module tree of the model's port (``lib.models``: GPT-2's ``c_attn``, ChatGLM2/3's fused
+``query_key_value``).
 
 Dropout on the adapter input follows the project's rule: an ``nnx.Rngs`` passed at call time
 (``LoRALinear(x, rngs=rngs)``), None meaning deterministic.
@@ -35,7 +35,7 @@ from flax import nnx
 
 from lib import hf
 from lib.errors import UserError
-from lib.models import glm, layers
+from lib.models import layers
 
 GraphPath = tuple  # an NNX graph path such as ('model', 'layers', 0, 'self_attn', 'q_proj')
 
@@ -147,19 +147,31 @@ def _linears(model: nnx.Module) -> tuple[list[GraphPath], list[GraphPath]]:
     return sorted(plain), sorted(adapted)
 
 
-def _matches(pattern: str, dotted: str) -> bool:
+def _matches(pattern: str, dotted: str, names=None) -> bool:
     """A target is a module-name suffix (``q_proj``, ``self_attn.q_proj``), as in PEFT's
-    ``target_modules`` list, or a regex that must match the whole dotted path."""
-    if dotted == pattern or dotted.endswith("." + pattern):
-        return True
-    try:
-        return re.fullmatch(pattern, dotted) is not None
-    except re.error:
-        return False
+    ``target_modules`` list, or a regex that must match the whole dotted path; with a port's
+    ``names`` (``decoder.NameMap``) it may also name the HF module (GPT-2's ``c_attn``)."""
+    paths = [dotted]
+    if names is not None and (theirs := names.convert(dotted, "theirs")):
+        paths.append(theirs)
+    for path in paths:
+        if path == pattern or path.endswith("." + pattern):
+            return True
+        try:
+            if re.fullmatch(pattern, path) is not None:
+                return True
+        except re.error:
+            pass
+    return False
 
 
-def _no_match_error(pattern: str, plain: list[GraphPath], adapted: list[GraphPath]) -> UserError:
+def _no_match_error(
+    pattern: str, plain: list[GraphPath], adapted: list[GraphPath], hf_names=None
+) -> UserError:
     names = sorted({str(p[-1]) for p in plain})
+    if hf_names is not None:
+        names += sorted({(hf_names.convert(_dotted(p), "theirs") or "").rsplit(".", 1)[-1]
+                         for p in plain} - {""})
     in_layers = [p for p in plain if any(isinstance(k, int) for k in p)] or plain
     example = f" (e.g. {_dotted(in_layers[0])})" if plain else ""
     msg = (
@@ -167,7 +179,7 @@ def _no_match_error(pattern: str, plain: list[GraphPath], adapted: list[GraphPat
         f"named {names}{example}. A target is a module-name suffix ('q_proj') or a regex over "
         "the full dotted path"
     )
-    if any(_matches(pattern, _dotted(p)) for p in adapted):
+    if any(_matches(pattern, _dotted(p), hf_names) for p in adapted):
         msg += f"; {pattern!r} names layers that already have LoRA adapters"
     if pattern in _TARGET_HINTS:
         msg += f"; {_TARGET_HINTS[pattern]}"
@@ -186,13 +198,15 @@ def apply_lora(
     rngs: nnx.Rngs,
     *,
     init: str = "kaiming",
+    names=None,
 ) -> list[str]:
     """Replace every ``nnx.Linear`` whose path matches one of ``targets`` by a ``LoRALinear``,
     in place; return the replaced paths (dotted, in tree order).
 
     A target is a suffix of the dotted module path (``"q_proj"`` matches
-    ``model.layers.3.self_attn.q_proj``) or a regex matched against the whole path. A target
-    that matches nothing is a ``UserError`` naming it and the model's Linear names.
+    ``model.layers.3.self_attn.q_proj``) or a regex matched against the whole path, of our
+    module names or, given the port's ``names``, of the HF ones. A target that matches nothing
+    is a ``UserError`` naming it and the model's Linear names.
     """
     if isinstance(targets, str):
         targets = [targets]
@@ -209,9 +223,9 @@ def apply_lora(
     plain, adapted = _linears(model)
     chosen: set[GraphPath] = set()
     for pattern in targets:
-        hits = [p for p in plain if _matches(pattern, _dotted(p))]
+        hits = [p for p in plain if _matches(pattern, _dotted(p), names)]
         if not hits:
-            raise _no_match_error(pattern, plain, adapted)
+            raise _no_match_error(pattern, plain, adapted, names)
         chosen.update(hits)
     for path in sorted(chosen):
         wrapped = LoRALinear(_resolve(model, path), rank, alpha, dropout, rngs=rngs, init=init)
@@ -259,91 +273,29 @@ def _check_same(given, actual, what: str):
 
 
 def _hf_adapter(
-    model: nnx.Module, adapters: dict[str, LoRALinear], targets: Sequence[str] | None
+    model: nnx.Module, adapters: dict[str, LoRALinear], targets: Sequence[str] | None, port
 ) -> tuple[dict[str, np.ndarray], list[str]]:
-    """PEFT tensors named after our module paths and the ``target_modules`` list."""
-    target_modules = list(adapters)
+    """PEFT tensors named after the HF module paths (the port's ``hf_name``; ours where they
+    are the same) and the ``target_modules`` list."""
+    hf_name = port.hf_name if port is not None else (lambda path: path)
+    names = port.names if port is not None else None
+    target_modules = [hf_name(p) for p in adapters]
     if targets is not None:
         targets = [targets] if isinstance(targets, str) else list(targets)
         plain, adapted = _linears(model)
         every = [_dotted(p) for p in plain + adapted]
-        selected = sorted(d for d in every if any(_matches(t, d) for t in targets))
+        selected = sorted(d for d in every if any(_matches(t, d, names) for t in targets))
+        hf_leaves = {hf_name(p).rsplit(".", 1)[-1] for p in adapters}
         # PEFT matches plain names by the same suffix rule; anything else is listed exactly.
         if all(re.fullmatch(r"[\w.]+", t) for t in targets) and selected == sorted(adapters):
-            target_modules = sorted(set(targets))
+            plain_hf = all(t.rsplit(".", 1)[-1] in hf_leaves for t in targets)
+            target_modules = sorted(set(targets)) if plain_hf else sorted(hf_leaves)
     tensors = {}
     for path, module in adapters.items():
-        prefix = f"base_model.model.{path}"
+        prefix = f"base_model.model.{hf_name(path)}"
         tensors[f"{prefix}.lora_A.weight"] = np.asarray(module.lora_a[...], np.float32).T
         tensors[f"{prefix}.lora_B.weight"] = np.asarray(module.lora_b[...], np.float32).T
     return tensors, target_modules
-
-
-_QKV = ("q_proj", "k_proj", "v_proj")
-
-
-def _chatglm_adapter(
-    model: nnx.Module, adapters: dict[str, LoRALinear], multi_query: bool
-) -> tuple[dict[str, np.ndarray], list[str], int]:
-    """PEFT tensors for THUDM's ChatGLM2/3 module tree, its ``target_modules`` and the rank.
-
-    Adapters ``(a_q, b_q)``, ``(a_k, b_k)``, ``(a_v, b_v)`` of rank r on the split q/k/v are
-    exactly one adapter of rank 3r on the fused ``query_key_value``: A stacks the three A's
-    along the rank axis, B is block-diagonal (``b_q`` writes only the q rows, ...). A
-    projection without an adapter is a zero block. The B blocks are fused by
-    ``glm.ours_to_chatglm``, which also renames every module, so the qkv row layout (multi-query
-    ``[q | k | v]`` or per head) has one source of truth. Every module is zero-padded to the
-    largest rank, which is exact, so that one ``r`` and ``lora_alpha`` hold for all of them
-    (simpler for PEFT than ``rank_pattern``/``alpha_pattern``, whose key matching has changed
-    between PEFT versions). The fused adapter draws one dropout mask where ours draw three:
-    the same function at inference, where the adapter is used.
-    """
-    if not isinstance(model, glm.GlmForCausalLM):
-        raise UserError(
-            "a ChatGLM-named PEFT export needs a lib.models.glm model, got "
-            f"{type(model).__name__}: check config.model.path"
-        )
-    plain, adapted = _linears(model)
-    linears = {}
-    for path in plain + adapted:
-        node = _resolve(model, path)
-        linears[_dotted(path)] = node.base if isinstance(node, LoRALinear) else node
-    members: dict[str, list[str]] = {}  # per ChatGLM Linear: our Linears that make it up
-    for path in linears:
-        parent, _, leaf = path.rpartition(".")
-        if leaf in _QKV:
-            members.setdefault(parent, [f"{parent}.{name}" for name in _QKV])
-        else:
-            members[path] = [path]
-    width = max(sum(adapters[p].rank for p in group if p in adapters) for group in members.values())
-
-    tensors, every, chosen = {}, set(), set()
-    for group in members.values():
-        is_adapted = any(p in adapters for p in group)
-        a = np.zeros((width, linears[group[0]].in_features), np.float32)
-        b_parts, offset = {}, 0
-        for path in group:
-            # Unadapted modules go through ours_to_chatglm too, with no columns: for the name.
-            b = np.zeros((linears[path].out_features, width if is_adapted else 0), np.float32)
-            if path in adapters:
-                module, end = adapters[path], offset + adapters[path].rank
-                a[offset:end] = np.asarray(module.lora_a[...], np.float32).T
-                b[:, offset:end] = np.asarray(module.lora_b[...], np.float32).T
-                offset = end
-            b_parts[f"{path}.weight"] = b
-        fused = glm.ours_to_chatglm(b_parts, model.config, multi_query=multi_query)
-        ((name, b_fused),) = fused.items()
-        name = name.removesuffix(".weight")
-        every.add(name)
-        if is_adapted:
-            chosen.add(name)
-            tensors[f"base_model.model.{name}.lora_A.weight"] = a
-            tensors[f"base_model.model.{name}.lora_B.weight"] = b_fused
-    # Module names when each names only adapted modules (PEFT's suffix rule), else full paths.
-    leaves = {name.rsplit(".", 1)[-1] for name in chosen}
-    if {name for name in every if name.rsplit(".", 1)[-1] in leaves} == chosen:
-        return tensors, sorted(leaves), width
-    return tensors, sorted(chosen), width
 
 
 def export_peft(
@@ -357,22 +309,24 @@ def export_peft(
     task_type: str = "CAUSAL_LM",
     *,
     base_config: dict | None = None,
+    port=None,
 ) -> Path:
     """Write ``adapter_config.json`` and ``adapter_model.safetensors`` for PEFT.
 
     ``PeftModel.from_pretrained(hf_model, out_dir)`` then computes what ``model`` computes.
-    Tensors are named ``base_model.model.<module path>.lora_A.weight [r, in]`` and
-    ``...lora_B.weight [out, r]``; our module paths are the HF module names for the ports that
-    mirror HF (Qwen2, HF ``glm``). ``rank``/``alpha``/``dropout`` default to the adapters' own
-    and must agree with them when given. ``targets`` (the patterns given to ``apply_lora``)
-    become ``target_modules`` when they are plain names that select exactly the adapted
-    layers; otherwise the adapted module paths are listed one by one, which PEFT matches
-    exactly.
+    Tensors are named ``base_model.model.<HF module path>.lora_A.weight [r, in]`` and
+    ``...lora_B.weight [out, r]``: the port's HF names (``port``, else the registry's port of
+    ``base_config``; ours where no port renames). ``rank``/``alpha``/``dropout`` default to
+    the adapters' own and must agree with them when given. ``targets`` (the patterns given to
+    ``apply_lora``) become ``target_modules`` when they are plain names that select exactly the
+    adapted layers; otherwise the adapted module paths are listed one by one, which PEFT
+    matches exactly.
 
-    ``base_config`` is the base checkpoint's ``config.json``. When it is a ChatGLM2/3 one
-    (``model_type: chatglm``) the adapter is written for THUDM's module tree instead (see
-    ``_chatglm_adapter``): ``r`` and ``lora_alpha`` grow by the same factor (3 for q/k/v), so
-    the scaling ``lora_alpha / r`` is unchanged, and ``targets`` is not used.
+    ``base_config`` is the base checkpoint's ``config.json``. A port's ``peft_adapter`` may
+    write another module tree than the model's: for a ChatGLM2/3 base, THUDM's fused
+    ``query_key_value`` (``lib.models.chatglm.peft_adapter``); ``r`` and ``lora_alpha`` then
+    grow by the same factor (3 for q/k/v), so ``lora_alpha / r`` is unchanged, and ``targets``
+    is not used.
     """
     adapters = lora_modules(model)
     if not adapters:
@@ -388,12 +342,22 @@ def export_peft(
         _one({m.dropout_rate for m in adapters.values()}, "dropout"),
         "dropout",
     )
-    if base_config is not None and base_config.get("model_type") == "chatglm":
-        multi_query = glm.chatglm_multi_query(base_config)
-        tensors, target_modules, width = _chatglm_adapter(model, adapters, multi_query)
+    if port is None and base_config is not None:
+        from lib import models
+
+        if base_config.get("model_type") in models.PORTS:
+            port = models.port(base_config["model_type"])
+    fused = None
+    if port is not None and port.peft_adapter is not None and base_config is not None:
+        plain, adapted = _linears(model)
+        linears = {_dotted(p): _resolve(model, p) for p in plain}
+        linears.update({_dotted(p): _resolve(model, p).base for p in adapted})
+        fused = port.peft_adapter(model, adapters, dict(sorted(linears.items())), base_config)
+    if fused is not None:
+        tensors, target_modules, width = fused
         rank, alpha = width, alpha * width / rank
     else:
-        tensors, target_modules = _hf_adapter(model, adapters, targets)
+        tensors, target_modules = _hf_adapter(model, adapters, targets, port)
     config = {
         "peft_type": "LORA",
         "task_type": task_type,
@@ -414,6 +378,7 @@ def export_peft(
         "rank_pattern": {},
         "alpha_pattern": {},
         "revision": None,
+        **(port.peft_config if port is not None else {}),
     }
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
