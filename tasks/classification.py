@@ -1,8 +1,9 @@
 """Text classification with a BERT-family encoder.
 
 Data: TSV lines ``label_id \\t text``; label names one per line in ``config.data.labels``.
-Model: ``BertForSequenceClassification`` from an HF checkpoint (``config.model.path``) or from
-scratch with a character vocabulary built from the training data (``model.path = None``).
+Model: a sequence classifier through the model registry (``lib.models.build``): an encoder
+checkpoint of ``config.model.path`` (BERT/ERNIE), or a scratch ``model.family`` encoder with a
+character vocabulary built from the training data (``model.path = ""``).
 Loss: cross-entropy, optionally focal (``config.loss.focal_gamma > 0``) and class-weighted
 (``config.loss.class_weights``). Metrics: accuracy, weighted and macro P/R/F1, per-class F1.
 """

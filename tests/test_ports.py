@@ -28,7 +28,7 @@ from flax import nnx
 from lib import generate as gen
 from lib import hf, models
 from lib.models import lora
-from lib.models.prefix import Prefix
+from lib.models.prefix import Prefix, PrefixLM, PrefixParam
 
 VOCAB, PAD = 96, 0
 
@@ -256,3 +256,33 @@ def test_registry_knows_every_entry(built):
     with pytest.raises(models.UserError, match="has no port"):
         models.port("not-a-model")
     assert jax.tree.leaves(nnx.state(_BUILT[entry.name][2], nnx.Param))
+
+
+def test_prefix_tuning_through_the_registry(built, tmp_path):
+    """``model.prefix.length > 0``: the registry wraps the port in a ``PrefixLM`` whose prefix
+    is all that trains; the export is the unchanged base plus the prefix encoder."""
+    entry, ref, dirs, _, _, _ = built
+    model_cfg = ml_collections.ConfigDict({
+        "path": str(dirs["safetensors"]), "dtype": "float32", "remat": False,
+        "lora": {"rank": 0}, "prefix": {"length": 3, "projection": False, "hidden_size": 0,
+                                        "dropout": 0.0},
+    })
+    b = models.build(model_cfg, head="causal_lm")
+    assert b.trainable is PrefixParam and isinstance(b.model, PrefixLM)
+    trained = nnx.state(b.model, PrefixParam)
+    assert [p for p, _ in nnx.to_flat_state(trained)] == [("prefix_encoder", "embedding",
+                                                          "embedding")]
+    ids, mask = _batch()
+    with_prefix, _ = _fwd(b.model, ids, mask)
+    assert _diff(with_prefix, _hf_logits(ref, ids, mask), mask) > 1e-2  # the prefix matters
+    tokens = gen.generate(b.model, ids, mask, max_new_tokens=4, eos_token_id=[],
+                          pad_token_id=PAD)
+    assert tokens.shape == (3, 4)
+
+    models.export(b, b.model, tmp_path, model_cfg)
+    saved = hf.read_safetensors(tmp_path / "prefix_encoder.safetensors")
+    assert list(saved) == ["transformer.prefix_encoder.embedding.weight"]
+    assert saved["transformer.prefix_encoder.embedding.weight"].shape == (
+        3, 2 * b.config.num_hidden_layers * b.config.num_key_value_heads * b.config.head_dim)
+    back = entry.hf_class.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    assert _diff(_hf_logits(back, ids, mask), _hf_logits(ref, ids, mask), mask) <= 1e-5

@@ -122,6 +122,6 @@ PORT = causal_lm_port(
     "gpt2", Gpt2LMHeadModel, load=load_pretrained, export=export_pretrained, names=NAMES,
     # PEFT's LoRA on a Conv1D: the adapters are Linear-shaped, the base weight transposed.
     peft_config={"fan_in_fan_out": True},
-    scratch=lambda m: {"num_key_value_heads": int(m.num_attention_heads),
-                       "intermediate_size": int(m.intermediate_size)},
+    # GPT-2 has no grouped heads: a scratch model has as many key/value heads as heads.
+    scratch=lambda m: {"num_key_value_heads": int(m.num_attention_heads)},
 )
