@@ -389,10 +389,25 @@ def train(config, workdir: str | os.PathLike, task) -> dict[str, float]:
         metrics, samples = task.evaluate(nnx.merge(graphdef, params, frozen), data)
         return {k: float(v) for k, v in metrics.items()}, samples
 
+    best_name, best_max = config.eval.best_metric, config.eval.best_mode == "max"
+    # The best so far (a resumed run's earlier evaluations), for the "performance updated" line.
+    earlier = [m[best_name] for s, m in read_evals(workdir).items()
+               if s <= start and best_name in m]
+    best_value = (max if best_max else min)(earlier) if earlier else None
+
     def evaluate(step: int) -> dict[str, float]:
+        nonlocal best_value
         metrics, samples = score(state["params"], eval_data)
         write_eval(workdir, step, metrics, samples)
         monitor.log_eval(step, metrics, samples)
+        value = metrics.get(best_name)
+        if value is not None and (best_value is None or (value > best_value if best_max
+                                                          else value < best_value)):
+            shown = "-" if best_value is None else f"{best_value:.4f}"
+            if jax.process_index() == 0:
+                print(f"best {best_name} performance updated: {shown} --> {value:.4f}",
+                      flush=True)
+            best_value = value
         return metrics
 
     # --- loop

@@ -7,7 +7,7 @@ import importlib
 
 from lib.errors import UserError
 
-TASKS = ("classification", "sft", "loopcot")
+TASKS = ("classification", "sft", "loopcot", "matching", "reward_model")
 
 
 def task_class(name: str) -> type:

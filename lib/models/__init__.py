@@ -34,7 +34,7 @@ PORTS = {
     "chatglm": "glm",
     "gpt2": "gpt2",
 }
-HEADS = ("causal_lm", "sequence_classification", "masked_lm")
+HEADS = ("causal_lm", "sequence_classification", "masked_lm", "encoder", "reward")
 
 
 class DecoderLM(Protocol):
@@ -139,8 +139,10 @@ def build(
     tokenizer). Empty: a scratch model of ``model.family`` with the sizes of ``config.model``
     (HF names: ``hidden_size``, ``num_hidden_layers``, ...) and the given ``tokenizer`` (a
     vocabulary the task built). ``head`` is ``causal_lm``, ``sequence_classification``
-    (``num_labels``) or ``masked_lm``. Then LoRA adapters (``model.lora.rank > 0``, targets by
-    our or HF module names) or a learned prefix (``model.prefix.length > 0``) are added.
+    (``num_labels``), ``masked_lm``, ``encoder`` (the bare encoder: sentence vectors) or
+    ``reward`` (one score per text).
+    Then LoRA adapters (``model.lora.rank > 0``, targets by our or HF module names) or a
+    learned prefix (``model.prefix.length > 0``) are added.
     """
     if head not in HEADS:
         raise UserError(f"model head {head!r}: choose one of {HEADS}")

@@ -33,6 +33,7 @@ from flax import nnx
 from lib import hf
 from lib.errors import UserError
 from lib.models import layers
+from lib.models import pooling as pooling_lib
 
 log = logging.getLogger(__name__)
 
@@ -465,15 +466,7 @@ class BertForSequenceClassification(nnx.Module):
         """Class logits ``[b, num_labels]`` (fp32)."""
         if self.pooling == "mean":
             x, _ = self.bert(input_ids, attention_mask, token_type_ids, task_type_ids, rngs=rngs)
-            weight = (
-                jnp.ones(input_ids.shape, x.dtype)
-                if attention_mask is None
-                else attention_mask.astype(x.dtype)
-            )
-            mean = jnp.einsum("bth,bt->bh", x, weight) / jnp.maximum(
-                jnp.sum(weight, axis=1, keepdims=True), 1.0
-            )
-            pooled = jnp.tanh(self.bert.pooler.dense(mean))
+            pooled = jnp.tanh(self.bert.pooler.dense(pooling_lib.mean_pool(x, attention_mask)))
         else:
             _, pooled = self.bert(
                 input_ids, attention_mask, token_type_ids, task_type_ids, rngs=rngs,
@@ -608,8 +601,11 @@ def export_pretrained(
 
 # ----------------------------------------------------------------------------- registry
 
+# "encoder": the bare encoder with its pooler (sentence vectors, lib.models.pooling).
+# "reward": one score per text, the classifier with num_labels=1 (HF exports it as such).
 HEAD_CLASSES = {"sequence_classification": BertForSequenceClassification,
-                "masked_lm": BertForMaskedLM}
+                "masked_lm": BertForMaskedLM, "encoder": BertModel,
+                "reward": BertForSequenceClassification}
 
 
 def _load_head(model_dir, head: str, *, dtype, remat: bool, num_labels=None, pooling="cls"):

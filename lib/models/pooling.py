@@ -1,0 +1,80 @@
+"""Sentence vectors from an encoder's outputs, and the two-tower model that uses them.
+
+Poolers (``pool(kind, ...)``): ``cls`` (the [CLS] state of the last layer), ``pooler`` (BERT's
+pooler: tanh(dense([CLS]))) and ``mean`` (the mean of the last layer over real tokens; padding
+never counts). ``TwoTower`` wraps an encoder built by the registry (``head="encoder"``: a
+``BertModel`` with its pooler) so that each side of a pair is encoded alone, plus an optional
+Sentence-Transformer classifier over ``[u; v; |u - v|]``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lib.errors import UserError
+from lib.models import layers
+
+POOLINGS = ("cls", "pooler", "mean")
+
+
+def mean_pool(states: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """``states [b, t, H]`` averaged over the positions where ``mask [b, t]`` is 1."""
+    weight = (jnp.ones(states.shape[:2], states.dtype) if mask is None
+              else mask.astype(states.dtype))
+    total = jnp.einsum("bth,bt->bh", states, weight)
+    return total / jnp.maximum(jnp.sum(weight, axis=1, keepdims=True), 1.0)
+
+
+def pool(kind: str, states: jax.Array, pooled: jax.Array | None,
+         mask: jax.Array | None) -> jax.Array:
+    """The sentence vector ``[b, H]`` of ``kind`` (``POOLINGS``) from an encoder's
+    ``(states, pooled)`` outputs and the attention mask."""
+    if kind == "cls":
+        return states[:, 0]
+    if kind == "pooler":
+        if pooled is None:
+            raise UserError("pooling 'pooler' needs an encoder with a pooler")
+        return pooled
+    if kind == "mean":
+        return mean_pool(states, mask)
+    raise UserError(f"pooling {kind!r}: choose one of {', '.join(POOLINGS)}")
+
+
+def cosine(u: jax.Array, v: jax.Array, eps: float = 1e-8) -> jax.Array:
+    """Row-wise cosine similarity of ``u, v [b, H]`` (as ``torch.cosine_similarity``)."""
+    norms = jnp.maximum(jnp.linalg.norm(u, axis=-1), eps) * jnp.maximum(
+        jnp.linalg.norm(v, axis=-1), eps)
+    return jnp.sum(u * v, axis=-1) / norms
+
+
+def pair_features(u: jax.Array, v: jax.Array) -> jax.Array:
+    """Sentence-Transformer's classifier input ``[u; v; |u - v|]`` (``[b, 3H]``)."""
+    return jnp.concatenate([u, v, jnp.abs(u - v)], axis=-1)
+
+
+class TwoTower(nnx.Module):
+    """One shared encoder applied to each side of a pair; ``num_labels > 0`` adds a Linear
+    over ``pair_features`` (Sentence-Transformer's softmax head)."""
+
+    def __init__(self, encoder: nnx.Module, pooling: str, hidden_size: int, num_labels: int = 0,
+                 *, rngs: nnx.Rngs, dtype=jnp.float32):
+        if pooling not in POOLINGS:
+            raise UserError(f"pooling {pooling!r}: choose one of {', '.join(POOLINGS)}")
+        self.encoder = encoder
+        self.pooling = pooling
+        if num_labels:
+            self.classifier = layers.dense(3 * hidden_size, num_labels, ("embed", None),
+                                           rngs=rngs, dtype=dtype)
+        self.num_labels = num_labels
+
+    def embed(self, input_ids, attention_mask, token_type_ids=None, *,
+              rngs: nnx.Rngs | None = None) -> jax.Array:
+        """Sentence vectors ``[b, H]`` (fp32) of one side."""
+        states, pooled = self.encoder(input_ids, attention_mask, token_type_ids, rngs=rngs)
+        return pool(self.pooling, states, pooled, attention_mask).astype(jnp.float32)
+
+    def classify(self, u: jax.Array, v: jax.Array) -> jax.Array:
+        """Logits ``[b, num_labels]`` of the pair vectors ``u, v``."""
+        return self.classifier(pair_features(u, v)).astype(jnp.float32)
