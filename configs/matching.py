@@ -29,7 +29,8 @@ by dev F1; wall time of the whole run, 1200 steps):
   variant                dev F1 (step)    test F1   wall
   pointwise              0.500 (600)      0.500     5m06s   (stays at chance, see below)
   dssm                   0.793 (600)      0.788     8m02s   (accuracy 0.788, Spearman 0.662)
-  sentence-transformer   0.716 (900)      0.706     11m35s  (5m12s CPU; 3 runs on 2 cores)
+  sentence-transformer   0.716 (900)      0.706     3m36s   (alone on idle cores; 11m35s
+                                                            with 3 runs sharing 2 cores)
   TF-IDF baseline        0.847            0.876     1.4s
 
 The baseline (``benchmarks/baseline_matching.py``) is the cosine of character 1-2-gram
