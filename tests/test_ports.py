@@ -24,6 +24,7 @@ import pytest
 import torch
 import transformers
 from flax import nnx
+from test_qwen2 import hf_logits, padded_batch
 
 from lib import generate as gen
 from lib import hf, models
@@ -128,33 +129,16 @@ def _fwd(model, ids, mask=None, positions=None, cache=None, prefix=None):
     return model(ids, mask, positions, cache, prefix=prefix)
 
 
-def _batch() -> tuple[np.ndarray, np.ndarray]:
-    """Three left-padded rows of 12, 8 and 5 real tokens."""
-    ids = np.random.RandomState(1).randint(3, VOCAB, (3, 12)).astype(np.int32)
-    mask = np.ones((3, 12), np.int32)
-    mask[1, :4] = 0
-    mask[2, :7] = 0
-    return ids, mask
-
-
-def _hf_logits(ref, ids, mask) -> np.ndarray:
-    """HF logits with the positions HF ``generate`` uses for left padding."""
-    positions = np.maximum(np.cumsum(mask, -1) - 1, 0)
-    with torch.no_grad():
-        return ref(torch.tensor(ids, dtype=torch.long), attention_mask=torch.tensor(mask),
-                   position_ids=torch.tensor(positions, dtype=torch.long)).logits.numpy()
-
-
 def _diff(a, b, mask) -> float:
     return float(np.abs(np.asarray(a) - np.asarray(b))[mask.astype(bool)].max())
 
 
-def test_every_format_loads_strictly_with_hf_logits(built):
+def test_every_format_loads_strictly_withhf_logits(built):
     entry, ref, dirs, model, cfg, port = built
-    ids, mask = _batch()
+    ids, mask = padded_batch()
     logits, cache = _fwd(model, ids, mask)
     assert cache is None and logits.dtype == jnp.float32
-    diff = _diff(logits, _hf_logits(ref, ids, mask), mask)
+    diff = _diff(logits, hf_logits(ref, ids, mask), mask)
     print(f"{entry.name}: max |logit diff| vs HF {diff:.2e}")
     assert diff <= 1e-4
     ours = hf.state_of(model)
@@ -170,7 +154,7 @@ def test_every_format_loads_strictly_with_hf_logits(built):
 
 def test_cached_decoding_equals_full_forward(built):
     _, _, _, model, _, _ = built
-    ids, mask = _batch()
+    ids, mask = padded_batch()
     full, _ = _fwd(model, ids, mask)
     cache = model.init_cache(3, 16)
     for start, end in [(0, 9), (9, 10), (10, 11), (11, 12)]:
@@ -180,7 +164,7 @@ def test_cached_decoding_equals_full_forward(built):
 
 def test_greedy_tokens_equal_hf_generate(built):
     entry, ref, _, model, _, _ = built
-    ids, mask = _batch()
+    ids, mask = padded_batch()
     ours = gen.generate(model, ids, mask, max_new_tokens=12, eos_token_id=[], pad_token_id=PAD)
     unused = next(i for i in range(VOCAB) if i not in ours)
     with torch.no_grad():
@@ -196,8 +180,8 @@ def test_export_reloads_in_transformers(built, tmp_path):
     port.export(model, cfg, tmp_path, None)
     assert json.loads((tmp_path / "config.json").read_text())["model_type"] == ref.config.model_type
     back = entry.hf_class.from_pretrained(tmp_path, attn_implementation="eager").eval()
-    ids, mask = _batch()
-    assert _diff(_hf_logits(back, ids, mask), _hf_logits(ref, ids, mask), mask) <= 1e-5
+    ids, mask = padded_batch()
+    assert _diff(hf_logits(back, ids, mask), hf_logits(ref, ids, mask), mask) <= 1e-5
 
 
 def test_lora_adapter_loads_in_peft(built, tmp_path):
@@ -218,16 +202,16 @@ def test_lora_adapter_loads_in_peft(built, tmp_path):
     rng = np.random.default_rng(0)
     for module in adapted.values():
         module.lora_b.set_value(jnp.asarray(rng.normal(0, 0.3, module.lora_b.shape), jnp.float32))
-    ids, mask = _batch()
+    ids, mask = padded_batch()
     ours, _ = _fwd(b.model, ids, mask)
-    assert _diff(ours, _hf_logits(ref, ids, mask), mask) > 1e-2  # the adapters matter
+    assert _diff(ours, hf_logits(ref, ids, mask), mask) > 1e-2  # the adapters matter
 
     models.export(b, b.model, tmp_path, model_cfg)
     written = json.loads((tmp_path / "adapter_config.json").read_text())
     assert sorted(written["target_modules"]) == sorted(entry.lora_targets)
     base = entry.hf_class.from_pretrained(dirs["safetensors"], attn_implementation="eager")
     with_adapter = peft.PeftModel.from_pretrained(base.eval(), tmp_path).eval()
-    diff = _diff(_hf_logits(with_adapter, ids, mask), ours, mask)
+    diff = _diff(hf_logits(with_adapter, ids, mask), ours, mask)
     print(f"{entry.name}: PEFT adapter vs ours {diff:.2e}")
     assert diff <= 1e-5
 
@@ -272,9 +256,9 @@ def test_prefix_tuning_through_the_registry(built, tmp_path):
     trained = nnx.state(b.model, PrefixParam)
     assert [p for p, _ in nnx.to_flat_state(trained)] == [("prefix_encoder", "embedding",
                                                           "embedding")]
-    ids, mask = _batch()
+    ids, mask = padded_batch()
     with_prefix, _ = _fwd(b.model, ids, mask)
-    assert _diff(with_prefix, _hf_logits(ref, ids, mask), mask) > 1e-2  # the prefix matters
+    assert _diff(with_prefix, hf_logits(ref, ids, mask), mask) > 1e-2  # the prefix matters
     tokens = gen.generate(b.model, ids, mask, max_new_tokens=4, eos_token_id=[],
                           pad_token_id=PAD)
     assert tokens.shape == (3, 4)
@@ -285,4 +269,4 @@ def test_prefix_tuning_through_the_registry(built, tmp_path):
     assert saved["transformer.prefix_encoder.embedding.weight"].shape == (
         3, 2 * b.config.num_hidden_layers * b.config.num_key_value_heads * b.config.head_dim)
     back = entry.hf_class.from_pretrained(tmp_path, attn_implementation="eager").eval()
-    assert _diff(_hf_logits(back, ids, mask), _hf_logits(ref, ids, mask), mask) <= 1e-5
+    assert _diff(hf_logits(back, ids, mask), hf_logits(ref, ids, mask), mask) <= 1e-5

@@ -147,18 +147,19 @@ def build(
     if head not in HEADS:
         raise UserError(f"model head {head!r}: choose one of {HEADS}")
     options = dict(num_labels=num_labels, pooling=model_cfg.get("pooling", "cls"))
+    if not model_cfg.path and tokenizer is None:
+        raise UserError("a scratch model needs the task's vocabulary (config.model.path is "
+                        "empty)")
+    the_port = port_of_dir(model_cfg.path) if model_cfg.path else port(
+        model_cfg.get("family", "qwen2"))
+    if head not in the_port.heads:
+        raise UserError(f"a {head} head needs a model with one; {the_port.name} models have "
+                        f"{the_port.heads} (check config.model.path / config.model.family)")
     if model_cfg.path:
-        the_port = port_of_dir(model_cfg.path)
-        _check_head(the_port, head)
         model, cfg = the_port.load(model_cfg.path, head, dtype=model_cfg.dtype,
                                    remat=bool(model_cfg.remat), **options)
         tokenizer = the_port.tokenizer(model_cfg.path)
     else:
-        if tokenizer is None:
-            raise UserError("a scratch model needs the task's vocabulary (config.model.path "
-                            "is empty)")
-        the_port = port(model_cfg.get("family", "qwen2"))
-        _check_head(the_port, head)
         cfg = the_port.scratch_config(model_cfg, tokenizer, max_length=max_length, **options)
         model = the_port.create(cfg, head, nnx.Rngs(seed))
     trainable = trainable_of(model_cfg)
@@ -171,7 +172,9 @@ def build(
             lora.apply_lora(model, tuple(lc.targets), int(lc.rank), float(lc.alpha),
                             float(lc.dropout), nnx.Rngs(seed + 1), names=the_port.names)
         else:
-            _check_head(the_port, head, "causal_lm", "p-tuning v2 (config.model.prefix)")
+            if head != "causal_lm":
+                raise UserError("p-tuning v2 (config.model.prefix) needs a causal_lm head, "
+                                f"not {head}")
             pc = model_cfg.prefix
             model = prefix.PrefixLM.create(
                 model, int(pc.length), rngs=nnx.Rngs(seed + 2),
@@ -200,14 +203,6 @@ def trainable_of(model_cfg) -> Any:
 
         return prefix.PrefixParam
     return nnx.Param
-
-
-def _check_head(the_port: Port, head: str, *need: str) -> None:
-    allowed = need or the_port.heads
-    if head not in allowed or head not in the_port.heads:
-        what = need[1] if len(need) > 1 else f"a {head} head"
-        raise UserError(f"{what} needs one of the heads {allowed}; {the_port.name} models "
-                        f"have {the_port.heads} (check config.model.path / config.model.family)")
 
 
 def lora_export(lora_cfg) -> str:

@@ -463,9 +463,10 @@ class NameMap:
     on state-dict keys (a module path plus a leaf); a name it does not know is None."""
 
     def __init__(self, their_layers: str, model: dict[str, str], layer: dict[str, str]):
+        # Per direction: (destination layer prefix, whole-model table, per-layer table,
+        # source layer prefix).
         self.sides = {
-            "ours": ("model.layers.", {t: o for t, o in model.items()},
-                     {t: o for t, o in layer.items()}, their_layers),
+            "ours": ("model.layers.", dict(model), dict(layer), their_layers),
             "theirs": (their_layers, {o: t for t, o in model.items()},
                        {o: t for t, o in layer.items()}, "model.layers."),
         }
