@@ -4,16 +4,17 @@ A task gets its config once, at construction (``Task(config)``, or ``Task.create
 which validates it first), and keeps it as ``self.config``. Every capability is a method
 declared here; the optional ones have a default, so callers never probe a task:
 
-- ``build() -> (model, tokenizer)``, usually through ``build_model(head, vocab=...)`` (the
-  model registry, ``lib.models``: no task names a model family)
+- ``build() -> (model, tokenizer)``, usually through ``build_model(head, ...)`` (the model
+  registry, ``lib.models``: no task names a model family); a scratch model's character
+  vocabulary comes from ``char_vocab`` over the task's ``vocab_texts()``
 - ``trainable()``: the NNX filter of the trained variables (default: as ``config.model``
   says: LoRA adapters, a p-tuning v2 prefix, or every parameter)
 - ``datasets(tokenizer) -> (train, eval)``: ``train`` serves batches by step
   (``lib.data.ArrayDataset``); ``eval`` carries whatever ``evaluate`` needs
 - ``test_dataset(tokenizer)``: the test split named by ``config.data.test``, evaluated on the
   best checkpoint after training (default None: no test split)
-- ``save_assets(tokenizer, workdir)``: what eval/predict need besides the checkpoint, e.g. a
-  vocabulary built from the data (default: nothing)
+- ``save_assets(tokenizer, workdir)``: what eval/predict need besides the checkpoint
+  (default: a scratch run's character vocabulary)
 - ``loss(model, batch, rng) -> (loss, aux)``, inside the jitted train step
 - ``evaluate(model, eval_data, repeat=0) -> (metrics, samples)``; ``repeat`` numbers repeated
   evaluations (tasks that sample fold it into their key)
@@ -38,6 +39,10 @@ from flax import nnx
 from lib import config as config_lib
 from lib import models
 from lib.errors import UserError
+from lib.tokenizer import CharVocab
+
+# Where a scratch run keeps its character vocabulary (``<workdir>/tokenizer``).
+TOKENIZER_DIR = "tokenizer"
 
 
 class Task:
@@ -72,12 +77,28 @@ class Task:
         LoRA adapters, the p-tuning v2 prefix or every parameter, as ``config.model`` says."""
         return models.trainable_of(self.config.model)
 
-    def build_model(self, head: str, *, vocab: Any = None, **options: Any) -> models.Built:
+    def build_model(self, head: str, **options: Any) -> models.Built:
         """The task's model from ``config.model`` through the registry (``lib.models.build``):
-        the checkpoint of ``model.path``, or a scratch ``model.family`` with ``vocab``."""
+        the checkpoint of ``model.path`` with its tokenizer, or a scratch ``model.family`` with
+        the character vocabulary of ``char_vocab``."""
+        vocab = None if self.config.model.path else self.char_vocab()
         self.built = models.build(self.config.model, head=head, tokenizer=vocab,
                                   seed=int(self.config.train.seed), **options)
         return self.built
+
+    def vocab_texts(self) -> list[str]:
+        """The texts a scratch model's character vocabulary is built from (the training
+        data)."""
+        raise UserError(f"task {self.name} has no scratch model: set config.model.path")
+
+    def char_vocab(self) -> CharVocab:
+        """A scratch model's vocabulary: the run's own (``<workdir>/tokenizer``, written by
+        ``save_assets``, so eval and predict need no data), else built from ``vocab_texts``
+        (characters seen fewer than ``model.min_char_freq`` times map to ``[UNK]``)."""
+        saved = Path(self.config.workdir or ".") / TOKENIZER_DIR
+        if self.config.workdir and (saved / "vocab.txt").is_file():
+            return CharVocab.load(saved)
+        return CharVocab.build(self.vocab_texts(), min_freq=int(self.config.model.min_char_freq))
 
     def export_model(self, model, out_dir: str) -> None:
         """``lib.models.export`` of a model made by ``build_model`` (an HF directory, or a
@@ -95,7 +116,10 @@ class Task:
         return None
 
     def save_assets(self, tokenizer, workdir: Path) -> None:
-        """Save what eval/predict need besides the checkpoint into the run's ``workdir``."""
+        """Save what eval/predict need besides the checkpoint into the run's ``workdir``: a
+        scratch run's character vocabulary (a pretrained tokenizer stays in ``model.path``)."""
+        if isinstance(tokenizer, CharVocab):
+            tokenizer.save_pretrained(str(Path(workdir) / TOKENIZER_DIR))
 
     # --- training and evaluation ----------------------------------------------------------
 

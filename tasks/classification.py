@@ -22,11 +22,7 @@ from lib import config as config_lib
 from lib import metrics as metrics_lib
 from lib.data import ArrayDataset, read_tsv
 from lib.errors import UserError
-from lib.tokenizer import CharVocab
 from tasks import base
-
-TOKENIZER_DIR = "tokenizer"
-
 
 TRUNCATIONS = ("head", "head_tail")
 
@@ -109,23 +105,15 @@ class Task(base.Task):
         """``(model, tokenizer)``: the encoder checkpoint of ``model.path`` (BERT/ERNIE) with
         a classifier of the label set, else a scratch ``model.family`` encoder with a character
         vocabulary of the training data."""
-        vocab = None if self.config.model.path else self._char_vocab()
-        built = self.build_model("sequence_classification", vocab=vocab,
-                                 num_labels=len(self.labels),
+        built = self.build_model("sequence_classification", num_labels=len(self.labels),
                                  max_length=int(self.config.data.max_length))
         return built.model, built.tokenizer
 
-    def _char_vocab(self) -> CharVocab:
-        config = self.config
-        saved = Path(config.workdir) / TOKENIZER_DIR
-        if config.workdir and (saved / "vocab.txt").is_file():
-            return CharVocab.load(saved)
-        rows = read_tsv(config.data.train, ["label", "text"], {"label": int}, key="data.train")
-        return CharVocab.build([r["text"] for r in rows], min_freq=config.model.min_char_freq)
-
-    def save_assets(self, tokenizer, workdir: Path) -> None:
-        """Save the tokenizer with the run so ``eval``/``predict`` work without the data."""
-        tokenizer.save_pretrained(str(Path(workdir) / TOKENIZER_DIR))
+    def vocab_texts(self) -> list[str]:
+        """The training texts (a scratch model's character vocabulary)."""
+        rows = read_tsv(self.config.data.train, ["label", "text"], {"label": int},
+                        key="data.train")
+        return [r["text"] for r in rows]
 
     def encode(self, tokenizer, texts: list[str]) -> dict[str, np.ndarray]:
         """Token ids, attention mask and segment ids, padded to ``data.max_length``."""

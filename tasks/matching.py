@@ -22,7 +22,6 @@ import itertools
 import math
 import sys
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -36,11 +35,9 @@ from lib import pairs
 from lib.data import ArrayDataset, json_object_or_none
 from lib.errors import UserError
 from lib.models.pooling import POOLINGS, TwoTower, cosine
-from lib.tokenizer import CharVocab
 from tasks import base
 
 MATCHINGS = ("pointwise", "dssm", "sentence_transformer")
-TOKENIZER_DIR = "tokenizer"
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -89,9 +86,8 @@ class Task(base.Task):
     def build(self):
         """``(model, tokenizer)``: a pair classifier (pointwise) or a ``TwoTower`` around the
         bare encoder, from ``model.path`` or from scratch with a character vocabulary."""
-        vocab = None if self.config.model.path else self._char_vocab()
         head = "encoder" if self.towers else "sequence_classification"
-        built = self.build_model(head, vocab=vocab, num_labels=2, max_length=self.max_length)
+        built = self.build_model(head, num_labels=2, max_length=self.max_length)
         if not self.towers:
             return built.model, built.tokenizer
         labels = 2 if self.matching == "sentence_transformer" else 0
@@ -101,17 +97,10 @@ class Task(base.Task):
                          rngs=nnx.Rngs(int(self.config.train.seed) + 3))
         return model, built.tokenizer
 
-    def _char_vocab(self) -> CharVocab:
-        saved = Path(self.config.workdir or ".") / TOKENIZER_DIR
-        if self.config.workdir and (saved / "vocab.txt").is_file():
-            return CharVocab.load(saved)
+    def vocab_texts(self) -> list[str]:
+        """Both sides of the training pairs (a scratch model's character vocabulary)."""
         rows = pairs.read_pairs(self.config.data.train, key="data.train")
-        texts = itertools.chain.from_iterable((r["query"], r["doc"]) for r in rows)
-        return CharVocab.build(texts, min_freq=self.config.model.min_char_freq)
-
-    def save_assets(self, tokenizer, workdir: Path) -> None:
-        """The tokenizer, so ``eval``/``predict`` work without the data."""
-        tokenizer.save_pretrained(str(Path(workdir) / TOKENIZER_DIR))
+        return list(itertools.chain.from_iterable((r["query"], r["doc"]) for r in rows))
 
     def encode(self, tokenizer, queries: list[str], docs: list[str]) -> dict[str, np.ndarray]:
         """The model inputs of the pairs: joint (pointwise) or one side per tower."""

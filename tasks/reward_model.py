@@ -12,8 +12,6 @@ chance 1/24) and pairwise accuracy (chance 1/2).
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,12 +21,10 @@ from lib import config as config_lib
 from lib import metrics as metrics_lib
 from lib import rl
 from lib.data import ArrayDataset, read_tsv
-from lib.tokenizer import CharVocab
 from tasks import base, classification
 
 LIST_SIZE = 4
 COLUMNS = tuple(f"text{i + 1}" for i in range(LIST_SIZE))
-TOKENIZER_DIR = classification.TOKENIZER_DIR
 
 
 def read_lists(path: str, key: str) -> list[list[str]]:
@@ -69,22 +65,13 @@ class Task(base.Task):
         """``(model, tokenizer)``: the ``reward`` head (one score per text) on the encoder
         checkpoint of ``model.path``, else on a scratch encoder with a character vocabulary of
         the training lists."""
-        vocab = None if self.config.model.path else self._char_vocab()
-        built = self.build_model("reward", vocab=vocab, num_labels=1,
+        built = self.build_model("reward", num_labels=1,
                                  max_length=self.max_length)
         return built.model, built.tokenizer
 
-    def _char_vocab(self) -> CharVocab:
-        saved = Path(self.config.workdir) / TOKENIZER_DIR
-        if self.config.workdir and (saved / "vocab.txt").is_file():
-            return CharVocab.load(saved)
-        lists = read_lists(self.config.data.train, "data.train")
-        return CharVocab.build([t for texts in lists for t in texts],
-                               min_freq=self.config.model.min_char_freq)
-
-    def save_assets(self, tokenizer, workdir: Path) -> None:
-        """Save the tokenizer with the run so ``eval``/``predict`` work without the data."""
-        tokenizer.save_pretrained(str(Path(workdir) / TOKENIZER_DIR))
+    def vocab_texts(self) -> list[str]:
+        """Every text of the training lists (a scratch model's character vocabulary)."""
+        return [t for texts in read_lists(self.config.data.train, "data.train") for t in texts]
 
     def encode(self, tokenizer, texts: list[str]) -> dict[str, np.ndarray]:
         """Token ids, attention mask and segment ids ``[n, max_length]`` (as classification)."""

@@ -24,7 +24,6 @@ evaluation.
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -33,10 +32,7 @@ from lib import config as config_lib
 from lib import hf, lm_data
 from lib.data import ArrayDataset, json_object_or_none, read_json, read_jsonl
 from lib.errors import UserError
-from lib.tokenizer import CharVocab
 from tasks import base
-
-TOKENIZER_DIR = "tokenizer"
 
 # The recorded template is "You are an AI assistant. … Instruction:{instruction}.\nInput:{input}
 # \nOutput: {output}"; its elided middle is not recorded, this sentence fills it.
@@ -109,9 +105,7 @@ class Task(base.Task):
         """``(model, tokenizer)``: the checkpoint of ``model.path`` (any decoder port), else a
         scratch ``model.family`` decoder with a character vocabulary of the training data;
         LoRA or a p-tuning v2 prefix as ``config.model`` says."""
-        vocab = None if self.config.model.path else self._char_vocab()
-        built = self.build_model("causal_lm", vocab=vocab,
-                                 max_length=int(self.config.data.max_length))
+        built = self.build_model("causal_lm", max_length=int(self.config.data.max_length))
         return built.model, built.tokenizer
 
     def vocab_texts(self) -> list[str]:
@@ -122,18 +116,6 @@ class Task(base.Task):
     def template(self) -> str:
         """The alpaca prompt template in use."""
         return self.config.data.template or ALPACA_TEMPLATE
-
-    def _char_vocab(self) -> CharVocab:
-        config = self.config
-        saved = Path(config.workdir) / TOKENIZER_DIR
-        if config.workdir and (saved / "vocab.txt").is_file():
-            return CharVocab.load(saved)
-        return CharVocab.build(self.vocab_texts(), min_freq=int(config.model.min_char_freq))
-
-    def save_assets(self, tokenizer, workdir: Path) -> None:
-        """Keep a scratch run's vocabulary with it, so eval/predict work without the data."""
-        if isinstance(tokenizer, CharVocab):
-            tokenizer.save_pretrained(str(Path(workdir) / TOKENIZER_DIR))
 
     # --- data -----------------------------------------------------------------------------
 

@@ -37,7 +37,7 @@ from lib import lm_data, train
 from lib.generate import apply_chat_template, generate, left_pad
 from lib.models import qwen2
 from lib.tokenizer import load_hf_tokenizer
-from tasks import loopcot, sft
+from tasks import base, loopcot, sft
 
 ROOT = Path(__file__).resolve().parents[1]
 IGN = lm_data.IGNORE
@@ -344,7 +344,7 @@ def test_sft_run_and_predict_from_a_qwen2_directory(qwen_dir, tok, tmp_path):
     assert metrics["perplexity"] == pytest.approx(math.exp(metrics["loss"]), rel=1e-6)
     # The eval targets are the 4 answers' BPE tokens plus one <|endoftext|> each.
     assert metrics["tokens"] == sum(len(tok.encode(r["output"])) + 1 for r in RECORDS[:4])
-    assert not (workdir / sft.TOKENIZER_DIR).exists()  # the HF tokenizer stays in model.path
+    assert not (workdir / base.TOKENIZER_DIR).exists()  # the HF tokenizer stays in model.path
 
     lines = [json.dumps(r, ensure_ascii=False) for r in RECORDS[:3]]
     result = _main(workdir, overrides, "--mode=predict", stdin="\n".join(lines) + "\n")
