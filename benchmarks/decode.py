@@ -1,23 +1,35 @@
-"""Greedy decoding speed: our jitted ``lib.generate`` vs Hugging Face PyTorch ``generate``.
+"""Decoding speed: our jitted ``lib.generate`` vs Hugging Face PyTorch ``generate``, side by side.
 
 Both decode the same random model (built with transformers, saved, loaded by our port) from the
-same left-padded prompts; compile/warm-up time is excluded from the timed run and reported
-separately. PyTorch uses as many threads as there are cores. ``--model`` picks the architecture
-(``MODELS``), of about the same size (8 layers, hidden 512, vocab 5000):
+same prompts; compile/warm-up time is excluded from the timed runs and reported separately.
+PyTorch uses as many threads as there are cores. The cases (``--cases``, all by default):
+
+- ``greedy``: greedy decoding of ``--batch`` left-padded prompts;
+- ``sample20``: LoopCoT's repeated evaluation, 20 sampled answers per prompt (top-k 50,
+  top-p 0.8, temperature 0.8) for ``--sample-prompts`` prompts: ours prefills each prompt once
+  (``num_return_sequences=20``), HF's ``generate(num_return_sequences=20)`` 20 times;
+- ``beam3``: beam search with 3 beams (HF's defaults: length penalty 1, no early stopping);
+- ``t5-beam3``: the same beam search with a T5 (v1.0, t5-small's shape: 6 + 6 layers, hidden
+  512, 8 heads, MLP 2048) encoding ``--batch`` inputs of ``--prompt`` tokens.
+
+``--model`` picks the decoder of the first three (``MODELS``), of about the same size
+(8 layers, hidden 512, vocab 5000; the T5 has the same vocabulary):
 
 - ``qwen2`` (default): Qwen2 (rotary, RMSNorm, grouped-query attention 8:2, SwiGLU) vs
   ``Qwen2ForCausalLM``;
 - ``gpt2``: GPT-2 (learned positions, LayerNorm, fused ``c_attn``, gelu_new MLP 4 x hidden) vs
   ``GPT2LMHeadModel``.
 
-    .venv/bin/python benchmarks/decode.py [--model qwen2|gpt2] [--batch 4 --prompt 64 --new 128
-                                          --repeats 1]
+    .venv/bin/python benchmarks/decode.py [--model qwen2|gpt2] [--cases greedy,sample20,...]
+        [--batch 4 --sample-prompts 2 --prompt 64 --new 128 --repeats 1]
 
-A quick check of one model: ``--model gpt2 --batch 2 --prompt 16 --new 8``.
+A quick check: ``--batch 2 --sample-prompts 1 --prompt 16 --new 8`` (about a minute).
 
-Prints the config, tokens/s of both, the ratio ours / PyTorch, and whether the greedy tokens
-are identical. The load average is printed too: on a shared machine PyTorch's threaded BLAS
-slows down far more than XLA under contention, so compare runs on an idle machine.
+Prints, per case, the seconds of one call of each, tokens/s (returned tokens), the ratio
+PyTorch time / ours, and for the deterministic cases the share of identical tokens; then the
+table of every case. No EOS: both decode exactly ``--new`` tokens. The load average is printed
+too: on a shared machine PyTorch's threaded BLAS slows down far more than XLA under
+contention, so compare runs on an idle machine.
 """
 
 from __future__ import annotations
@@ -27,7 +39,9 @@ import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -37,12 +51,13 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 
 from lib.generate import generate, left_pad  # noqa: E402
-from lib.models import gpt2, qwen2  # noqa: E402
+from lib.models import gpt2, qwen2, t5  # noqa: E402
 
+VOCAB = 5000
 # name -> (HF model class, HF config class, its config, our loader: dir -> (model, cfg)).
 MODELS = {
     "qwen2": (transformers.Qwen2ForCausalLM, transformers.Qwen2Config, dict(
-        vocab_size=5000,
+        vocab_size=VOCAB,
         hidden_size=512,
         intermediate_size=1536,
         num_hidden_layers=8,
@@ -53,7 +68,7 @@ MODELS = {
         tie_word_embeddings=True,
     ), qwen2.load_pretrained),
     "gpt2": (transformers.GPT2LMHeadModel, transformers.GPT2Config, dict(
-        vocab_size=5000,
+        vocab_size=VOCAB,
         n_embd=512,
         n_inner=2048,
         n_layer=8,
@@ -63,10 +78,40 @@ MODELS = {
         bos_token_id=None,  # HF's default 50256 is outside this vocab
         eos_token_id=None,
     ), gpt2.load_pretrained),
+    "t5": (transformers.T5ForConditionalGeneration, transformers.T5Config, dict(
+        vocab_size=VOCAB,
+        d_model=512,
+        d_kv=64,
+        d_ff=2048,
+        num_layers=6,
+        num_heads=8,
+        feed_forward_proj="relu",
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+    ), t5.load_pretrained),
 }
+CASES = ("greedy", "sample20", "beam3", "t5-beam3")
+# LoopCoT's evaluation sampling (configs/loopcot.py).
+SAMPLING = dict(top_k=50, top_p=0.8, temperature=0.8)
+SAMPLES = 20
+BEAMS = 3
 
 
-def _timed(fn, repeats: int) -> tuple[float, object]:
+class Result(NamedTuple):
+    """One case: best seconds per call of each side, first-call seconds (compile included),
+    returned tokens per call, and the share of identical tokens (None: sampled)."""
+
+    case: str
+    ours: float
+    torch: float
+    ours_first: float
+    torch_first: float
+    tokens: int
+    identical: float | None
+
+
+def _timed(fn: Callable, repeats: int) -> tuple[float, object]:
     """Best wall time of ``repeats`` calls of ``fn`` and its last result."""
     best, out = float("inf"), None
     for _ in range(repeats):
@@ -76,73 +121,114 @@ def _timed(fn, repeats: int) -> tuple[float, object]:
     return best, out
 
 
-def main() -> None:
-    """Build the model, warm up both implementations, time one greedy run of each."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", choices=sorted(MODELS), default="qwen2")
-    parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--prompt", type=int, default=64)
-    parser.add_argument("--new", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=1)
-    parser.add_argument("--torch-threads", type=int, default=os.cpu_count() or 1)
-    args = parser.parse_args()
-
-    cores = os.cpu_count() or 1
-    torch.set_num_threads(args.torch_threads)
-    hf_class, config_class, config, load = MODELS[args.model]
+def _build(name: str):
+    """(HF model, our port) of ``MODELS[name]`` with the same random weights."""
+    hf_class, config_class, config, load = MODELS[name]
     torch.manual_seed(0)
     hf_model = hf_class(config_class(**config)).eval()
     with tempfile.TemporaryDirectory() as tmp:
         hf_model.save_pretrained(tmp)
         model, _ = load(tmp)
+    return hf_model, model
 
+
+def _prompts(batch: int, length: int) -> tuple[np.ndarray, np.ndarray]:
+    """``batch`` left-padded random prompts, the longest ``length`` tokens, 8 fewer each."""
     rs = np.random.RandomState(0)
-    # Varying prompt lengths so that left padding is exercised, the longest is --prompt.
-    lengths = [args.prompt - 8 * i for i in range(args.batch)]
-    ids, mask = left_pad([list(rs.randint(1, config["vocab_size"], n)) for n in lengths], 0)
-    # No EOS: both decode exactly --new tokens.
-    ours_fn = lambda: generate(
-        model, ids, mask, max_new_tokens=args.new, eos_token_id=[], pad_token_id=0
+    lengths = [max(length - 8 * i, 1) for i in range(batch)]
+    return left_pad([list(rs.randint(2, VOCAB, n)) for n in lengths], 0)
+
+
+def _run(case: str, hf_model, model, ids, mask, new: int, repeats: int, **settings) -> Result:
+    """Time ``generate`` of both sides with the same ``settings``; ``num_return_sequences``
+    and ``num_beams`` as HF spells them."""
+    seq2seq = hf_model.config.is_encoder_decoder
+    sampled = settings.get("do_sample", False)
+    key = jax.random.key(0)
+    ours_fn = lambda: generate(  # noqa: E731
+        model, ids, mask, max_new_tokens=new, eos_token_id=[], pad_token_id=0,
+        rng=key if sampled else None, **settings,
     )
     ids_t, mask_t = torch.tensor(ids, dtype=torch.long), torch.tensor(mask, dtype=torch.long)
 
     def torch_fn():
+        torch.manual_seed(0)
         with torch.inference_mode():
-            out = hf_model.generate(
-                ids_t,
-                attention_mask=mask_t,
-                max_new_tokens=args.new,
-                do_sample=False,
-                pad_token_id=0,
-                eos_token_id=None,
-            )
-        return out[:, ids.shape[1] :].numpy()
+            out = hf_model.generate(ids_t, attention_mask=mask_t, max_new_tokens=new,
+                                    pad_token_id=0, eos_token_id=None, **settings)
+        out = out[:, 1 if seq2seq else ids.shape[1]:].numpy()
+        return np.pad(out, ((0, 0), (0, new - out.shape[1])))
 
     first_ours, _ = _timed(ours_fn, 1)
     first_torch, _ = _timed(torch_fn, 1)
-    t_ours, tokens_ours = _timed(ours_fn, args.repeats)
-    t_torch, tokens_torch = _timed(torch_fn, args.repeats)
+    t_ours, tokens_ours = _timed(ours_fn, repeats)
+    t_torch, tokens_torch = _timed(torch_fn, repeats)
+    same = None if sampled else float(np.mean(tokens_ours == tokens_torch))
+    return Result(case, t_ours, t_torch, first_ours, first_torch, tokens_ours.size, same)
 
-    n_tokens = args.batch * args.new
-    print(f"{args.model} config: {config}")
+
+def _print(r: Result) -> None:
+    same = "sampled" if r.identical is None else f"{r.identical * 100:.1f}% identical tokens"
+    print(f"{r.case}: ours {r.ours:.3f} s ({r.tokens / r.ours:.1f} tokens/s; first call "
+          f"{r.ours_first:.2f} s), HF {r.torch:.3f} s ({r.tokens / r.torch:.1f} tokens/s; "
+          f"warm-up {r.torch_first:.2f} s), ratio {r.torch / r.ours:.2f}x, {same}", flush=True)
+
+
+def main() -> None:
+    """Build the models, then for each case warm up both implementations and time them."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=("qwen2", "gpt2"), default="qwen2")
+    parser.add_argument("--cases", default=",".join(CASES))
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--sample-prompts", type=int, default=2)
+    parser.add_argument("--prompt", type=int, default=64)
+    parser.add_argument("--new", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--torch-threads", type=int, default=os.cpu_count() or 1)
+    args = parser.parse_args()
+    cases = args.cases.split(",")
+    unknown = sorted(set(cases) - set(CASES))
+    if unknown:
+        parser.error(f"unknown cases {unknown}; choose from {CASES}")
+
+    torch.set_num_threads(args.torch_threads)
     print(
-        f"batch {args.batch}, prompts {lengths} tokens (left-padded to {ids.shape[1]}), "
-        f"{args.new} new tokens, greedy; {cores} cores, jax {jax.__version__} "
-        f"({jax.devices()[0].platform}), torch {torch.__version__} "
-        f"({args.torch_threads} threads); load average {os.getloadavg()[0]:.1f}"
-    )
-    print(
-        f"ours (jax, jitted):   {n_tokens / t_ours:8.1f} tokens/s  "
-        f"({t_ours:.3f} s, {t_ours / args.new * 1e3:.1f} ms/step; first call incl. compile "
-        f"{first_ours:.2f} s, compile ~{first_ours - t_ours:.2f} s)"
-    )
-    print(
-        f"HF PyTorch generate:  {n_tokens / t_torch:8.1f} tokens/s  "
-        f"({t_torch:.3f} s, {t_torch / args.new * 1e3:.1f} ms/step; warm-up {first_torch:.2f} s)"
-    )
-    print(f"ratio ours / PyTorch: {t_torch / t_ours:.2f}x")
-    same = np.mean(tokens_ours == tokens_torch)
-    print(f"identical greedy tokens: {same * 100:.1f}%")
+        f"{args.model} {MODELS[args.model][2]}; batch {args.batch}, prompts of up to "
+        f"{args.prompt} tokens, {args.new} new tokens; {os.cpu_count()} cores, jax "
+        f"{jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__} "
+        f"({args.torch_threads} threads); load average {os.getloadavg()[0]:.1f}", flush=True)
+    ids, mask = _prompts(args.batch, args.prompt)
+    run = lambda case, pair, ids, mask, **kw: _run(  # noqa: E731
+        case, *pair, ids, mask, args.new, args.repeats, **kw)
+    results = []
+    decoder = _build(args.model) if set(cases) - {"t5-beam3"} else None
+    if "greedy" in cases:
+        results.append(run("greedy", decoder, ids, mask, do_sample=False))
+        _print(results[-1])
+    if "sample20" in cases:
+        few = _prompts(args.sample_prompts, args.prompt)
+        results.append(run(f"sample{SAMPLES}", decoder, *few, do_sample=True,
+                           num_return_sequences=SAMPLES, **SAMPLING))
+        _print(results[-1])
+    if "beam3" in cases:
+        results.append(run(f"beam{BEAMS}", decoder, ids, mask, num_beams=BEAMS,
+                           do_sample=False))
+        _print(results[-1])
+    if "t5-beam3" in cases:
+        # Encoder inputs are padded on the right.
+        right = np.stack([np.roll(row, int(np.sum(m))) for row, m in zip(ids, mask)])
+        right_mask = np.stack([np.roll(m, int(np.sum(m))) for m in mask])
+        results.append(run(f"t5-beam{BEAMS}", _build("t5"), right, right_mask,
+                           num_beams=BEAMS, do_sample=False))
+        _print(results[-1])
+
+    print(f"\nload average {os.getloadavg()[0]:.1f}")
+    print("| case | rows x new tokens | ours s | HF s | ratio | identical tokens |")
+    print("|---|---|---|---|---|---|")
+    for r in results:
+        same = "sampled" if r.identical is None else f"{r.identical * 100:.1f}%"
+        print(f"| {r.case} | {r.tokens // args.new} x {args.new} | {r.ours:.3f} | "
+              f"{r.torch:.3f} | **{r.torch / r.ours:.2f}x** | {same} |")
 
 
 if __name__ == "__main__":

@@ -296,3 +296,51 @@ def save_pretrained(
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))
     return out
+
+
+# ----------------------------------------------------------------------------- names
+
+
+class NameMap:
+    """Module names of a checkpoint family <-> ours, for ports whose HF module tree differs
+    (GPT-2, ChatGLM, T5): whole-model pairs ``(theirs, ours)``, tried first, then per-layer
+    pairs of each stack of layers (``stacks``: their layer prefix -> (our layer prefix,
+    {theirs: ours} inside layer N), e.g. ``{"transformer.h.": ("model.layers.", {...})}``).
+    Works on module paths (PEFT names) and on state-dict keys (a module path plus a leaf); a
+    name it does not know is None."""
+
+    def __init__(self, model: dict[str, str], stacks: dict[str, tuple[str, dict[str, str]]]):
+        # Per direction: (whole-model table, [(source layer prefix, destination layer prefix,
+        # per-layer table)]).
+        self.sides = {
+            "ours": (dict(model), [(theirs, ours, dict(table))
+                                   for theirs, (ours, table) in stacks.items()]),
+            "theirs": ({o: t for t, o in model.items()},
+                       [(ours, theirs, {o: t for t, o in table.items()})
+                        for theirs, (ours, table) in stacks.items()]),
+        }
+
+    def convert(self, name: str, to: str) -> str | None:
+        """``name`` (module path or state key) in ``to``'s naming (``"ours"``/``"theirs"``)."""
+        whole, stacks = self.sides[to]
+        hit = _map_prefix(name, whole)
+        if hit is not None:
+            return hit
+        for src, dst, table in stacks:
+            if name.startswith(src):
+                index, _, rest = name[len(src):].partition(".")
+                hit = _map_prefix(rest, table)
+                return None if hit is None else f"{dst}{index}.{hit}"
+        return None
+
+    def state(self, state: StateDict, to: str) -> StateDict:
+        """A state dict with every key converted; unknown keys pass unchanged (so a strict
+        load names them)."""
+        return {self.convert(k, to) or k: v for k, v in state.items()}
+
+
+def _map_prefix(name: str, table: dict[str, str]) -> str | None:
+    for src, dst in table.items():
+        if name == src or name.startswith(src + "."):
+            return dst + name[len(src):]
+    return None

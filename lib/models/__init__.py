@@ -33,8 +33,12 @@ PORTS = {
     "glm": "glm",
     "chatglm": "glm",
     "gpt2": "gpt2",
+    "t5": "t5",
+    "mt5": "t5",
+    "pegasus": "pegasus",
 }
-HEADS = ("causal_lm", "sequence_classification", "masked_lm", "encoder", "reward")
+HEADS = ("causal_lm", "sequence_classification", "masked_lm", "encoder", "reward", "uie",
+         "seq2seq_lm")
 
 
 class DecoderLM(Protocol):
@@ -139,8 +143,9 @@ def build(
     tokenizer). Empty: a scratch model of ``model.family`` with the sizes of ``config.model``
     (HF names: ``hidden_size``, ``num_hidden_layers``, ...) and the given ``tokenizer`` (a
     vocabulary the task built). ``head`` is ``causal_lm``, ``sequence_classification``
-    (``num_labels``), ``masked_lm``, ``encoder`` (the bare encoder: sentence vectors) or
-    ``reward`` (one score per text).
+    (``num_labels``), ``masked_lm``, ``encoder`` (the bare encoder: sentence vectors),
+    ``reward`` (one score per text), ``uie`` (start/end pointers per token) or
+    ``seq2seq_lm`` (an encoder-decoder: T5, mT5, Pegasus).
     Then LoRA adapters (``model.lora.rank > 0``, targets by our or HF module names) or a
     learned prefix (``model.prefix.length > 0``) are added.
     """

@@ -26,15 +26,15 @@ from lib import hf
 from lib.errors import UserError
 from lib.models import decoder
 
-NAMES = decoder.NameMap(
-    "transformer.encoder.layers.",
+NAMES = hf.NameMap(
     model={"transformer.embedding.word_embeddings": "model.embed_tokens",
            "transformer.encoder.final_layernorm": "model.norm",
            "transformer.output_layer": "lm_head"},
-    layer={"input_layernorm": "input_layernorm",
-           "post_attention_layernorm": "post_attention_layernorm",
-           "self_attention.dense": "self_attn.o_proj", "mlp.dense_h_to_4h": "mlp.gate_up_proj",
-           "mlp.dense_4h_to_h": "mlp.down_proj"},
+    stacks={"transformer.encoder.layers.": ("model.layers.", {
+        "input_layernorm": "input_layernorm",
+        "post_attention_layernorm": "post_attention_layernorm",
+        "self_attention.dense": "self_attn.o_proj", "mlp.dense_h_to_4h": "mlp.gate_up_proj",
+        "mlp.dense_4h_to_h": "mlp.down_proj"})},
 )
 _QKV = ("q_proj", "k_proj", "v_proj")
 _FUSED = "self_attention.query_key_value"

@@ -67,6 +67,8 @@ class DecoderConfig:
     A family subclasses it with its own defaults and its ``config.json`` mapping."""
 
     family: ClassVar[str] = "decoder"
+    # lib.generate decodes a decoder-only model (no encoder, no decoder start token).
+    is_encoder_decoder: ClassVar[bool] = False
 
     vocab_size: int = 32000
     hidden_size: int = 256
@@ -345,6 +347,32 @@ class CausalLM(nnx.Module):
         logits_at: jax.Array | None = None,
     ) -> tuple[jax.Array, KVCache | None]:
         """Logits ``[b, t, vocab]`` (fp32) and the updated cache (None without one)."""
+        x, cache = self.hidden_states(input_ids, attention_mask, positions, cache,
+                                      prefix=prefix, rngs=rngs)
+        if logits_at is not None:
+            x = jnp.take_along_axis(x, logits_at[..., None], axis=1)
+        return self.logits(x, rngs=rngs), cache
+
+    def logits(self, hidden: jax.Array, *, rngs: nnx.Rngs | None = None) -> jax.Array:
+        """The LM head: fp32 logits ``[..., vocab]`` of final hidden states ``[..., hidden]``."""
+        if self.config.tie_word_embeddings:
+            logits = tied_logits(hidden, self.model.embed_tokens)
+        else:
+            logits = self.lm_head(hidden, rngs=rngs)
+        return logits.astype(jnp.float32)
+
+    def hidden_states(
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array | None = None,
+        positions: jax.Array | None = None,
+        cache: KVCache | None = None,
+        *,
+        prefix: Prefix | None = None,
+        rngs: nnx.Rngs | None = None,
+    ) -> tuple[jax.Array, KVCache | None]:
+        """The final hidden states ``[b, t, hidden]`` (after the last norm: what the LM head
+        and a value head read) and the updated cache; arguments as ``__call__``."""
         cfg = self.config
         b, t = input_ids.shape
         token_mask = (
@@ -379,15 +407,9 @@ class CausalLM(nnx.Module):
             else:
                 x = _run_layer(layer, x, cos, sin, mask, prefix_kv, rngs)
         x = self.model.norm(x)
-        if logits_at is not None:
-            x = jnp.take_along_axis(x, logits_at[..., None], axis=1)
-        if cfg.tie_word_embeddings:
-            logits = tied_logits(x, self.model.embed_tokens)
-        else:
-            logits = self.lm_head(x, rngs=rngs)
         if cache is not None:
             cache = cache.advance(t)
-        return logits.astype(jnp.float32), cache
+        return x, cache
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -455,39 +477,3 @@ def scratch(cls: type[DecoderConfig], model_cfg: Any, tokenizer: Any, *,
         sizes["max_position_embeddings"] = int(max_length) + 256
     return cls.with_overrides(sizes, fields)
 
-
-class NameMap:
-    """Module names of a checkpoint family <-> the decoder's, for ports whose HF module tree
-    differs (GPT-2): whole-model pairs ``(theirs, ours)`` and pairs inside layer ``N``
-    (``their_layers + "N."`` <-> ``model.layers.N.``). Works on module paths (PEFT names) and
-    on state-dict keys (a module path plus a leaf); a name it does not know is None."""
-
-    def __init__(self, their_layers: str, model: dict[str, str], layer: dict[str, str]):
-        # Per direction: (destination layer prefix, whole-model table, per-layer table,
-        # source layer prefix).
-        self.sides = {
-            "ours": ("model.layers.", dict(model), dict(layer), their_layers),
-            "theirs": (their_layers, {o: t for t, o in model.items()},
-                       {o: t for t, o in layer.items()}, "model.layers."),
-        }
-
-    def convert(self, name: str, to: str) -> str | None:
-        """``name`` (module path or state key) in ``to``'s naming (``"ours"``/``"theirs"``)."""
-        dst_layers, whole, per_layer, src_layers = self.sides[to]
-        if name.startswith(src_layers):
-            index, _, rest = name[len(src_layers):].partition(".")
-            hit = _map_prefix(rest, per_layer)
-            return None if hit is None else f"{dst_layers}{index}.{hit}"
-        return _map_prefix(name, whole)
-
-    def state(self, state: hf.StateDict, to: str) -> hf.StateDict:
-        """A state dict with every key converted; unknown keys pass unchanged (so a strict
-        load names them)."""
-        return {self.convert(k, to) or k: v for k, v in state.items()}
-
-
-def _map_prefix(name: str, table: dict[str, str]) -> str | None:
-    for src, dst in table.items():
-        if name == src or name.startswith(src + "."):
-            return dst + name[len(src):]
-    return None

@@ -22,13 +22,13 @@ from lib import hf
 from lib.errors import UserError
 from lib.models import causal_lm_port, decoder
 
-NAMES = decoder.NameMap(
-    "transformer.h.",
+NAMES = hf.NameMap(
     model={"transformer.wte": "model.embed_tokens", "transformer.wpe": "model.embed_positions",
            "transformer.ln_f": "model.norm", "lm_head": "lm_head"},
-    layer={"ln_1": "input_layernorm", "attn.c_attn": "self_attn.qkv_proj",
-           "attn.c_proj": "self_attn.o_proj", "ln_2": "post_attention_layernorm",
-           "mlp.c_fc": "mlp.up_proj", "mlp.c_proj": "mlp.down_proj"},
+    stacks={"transformer.h.": ("model.layers.", {
+        "ln_1": "input_layernorm", "attn.c_attn": "self_attn.qkv_proj",
+        "attn.c_proj": "self_attn.o_proj", "ln_2": "post_attention_layernorm",
+        "mlp.c_fc": "mlp.up_proj", "mlp.c_proj": "mlp.down_proj"})},
 )
 _CONV1D = ("c_attn", "c_proj", "c_fc")
 # config.json key -> our field.

@@ -12,9 +12,13 @@ Dropout is driven by an ``nnx.Rngs`` passed at call time: ``rngs=None`` means de
 
 from __future__ import annotations
 
+import functools
+import math
+
 import flax
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 # Partitioning metadata is applied by lib.sharding after construction, never eagerly.
@@ -218,20 +222,27 @@ def attention(
     *,
     dropout_rate: float = 0.0,
     rngs: nnx.Rngs | None = None,
+    bias: jax.Array | None = None,
+    scale: float | None = None,
 ) -> jax.Array:
     """Scaled dot-product attention with grouped-query support.
 
     Shapes: ``q [b, t, h, d]``, ``k, v [b, s, kv, d]`` with ``h % kv == 0`` (``kv == h`` is
     ordinary multi-head attention, ``kv == 1`` multi-query). ``mask`` is boolean, True where a
-    query may attend, broadcastable to ``[b, h, t, s]``. Softmax runs in fp32; the result has
-    ``q``'s dtype and shape ``[b, t, h, d]``.
+    query may attend, broadcastable to ``[b, h, t, s]``. ``bias [b | 1, h, t, s]`` is added to
+    the fp32 scores (T5's relative positions); ``scale`` multiplies ``q`` (default
+    ``1 / sqrt(d)``; T5 uses 1). Softmax runs in fp32; the result has ``q``'s dtype and shape
+    ``[b, t, h, d]``.
     """
     b, t, h, d = q.shape
     kv = k.shape[2]
     groups = h // kv
     q = q.reshape(b, t, kv, groups, d)
-    scale = 1.0 / jnp.sqrt(jnp.float32(d)).astype(q.dtype)
+    if scale is None:
+        scale = 1.0 / jnp.sqrt(jnp.float32(d)).astype(q.dtype)
     logits = jnp.einsum("btkgd,bskd->bkgts", q * scale, k).astype(jnp.float32)
+    if bias is not None:
+        logits = logits + bias.astype(jnp.float32).reshape(-1, kv, groups, t, logits.shape[-1])
     if mask is not None:
         mask = jnp.broadcast_to(mask, (b, h, t, mask.shape[-1])).reshape(b, kv, groups, t, -1)
         logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
@@ -281,6 +292,45 @@ def apply_rotary(
     out = halves * cos[..., None, :] + jnp.flip(halves, -2) * sign * sin[..., None, :]
     out = out.reshape(x_rot.shape).astype(x.dtype)
     return out if rot == d else jnp.concatenate([out, x_pass], axis=-1)
+
+
+def relative_position_bucket(
+    relative: jax.Array, *, bidirectional: bool, num_buckets: int, max_distance: int
+) -> jax.Array:
+    """T5's bucket of each ``key - query`` distance (int32, in ``[0, num_buckets)``).
+
+    Half the buckets (per direction when ``bidirectional``; a decoder sees only the past) hold
+    the exact distances below ``num_buckets / 2`` (per direction); the rest cover the larger
+    distances logarithmically up to ``max_distance``, beyond which all share the last bucket.
+    """
+    bucket = jnp.zeros_like(relative)
+    if bidirectional:
+        num_buckets //= 2
+        bucket = (relative > 0).astype(relative.dtype) * num_buckets
+        distance = jnp.abs(relative)
+    else:
+        distance = -jnp.minimum(relative, 0)
+    exact = num_buckets // 2
+    # log(0) for distance 0 is discarded by the where below.
+    log_ratio = jnp.log(distance.astype(jnp.float32) / exact) / math.log(max_distance / exact)
+    large = exact + (log_ratio * (num_buckets - exact)).astype(relative.dtype)
+    large = jnp.minimum(large, num_buckets - 1)
+    return bucket + jnp.where(distance < exact, distance, large)
+
+
+@functools.lru_cache(maxsize=16)
+def sinusoidal_table(positions: int, dim: int) -> np.ndarray:
+    """The fixed ``[positions, dim]`` position table of Pegasus/Marian as HF builds it: angles
+    ``pos / 10000^(2 * (j // 2) / dim)`` in float64, sines of the even features in the first
+    half and cosines of the odd ones in the second half, then fp32."""
+    j = np.arange(dim)
+    angles = np.arange(positions)[:, None] / np.power(10000, 2 * (j // 2) / dim)[None, :]
+    half = (dim + 1) // 2
+    table = np.empty((positions, dim), np.float32)
+    table[:, :half] = np.sin(angles[:, 0::2])
+    table[:, half:] = np.cos(angles[:, 1::2])
+    table.setflags(write=False)  # cached: shared by every caller
+    return table
 
 
 ACTIVATIONS = {
@@ -347,3 +397,8 @@ class KVCache:
     def advance(self, t: int) -> KVCache:
         """Move ``index`` past the ``t`` tokens just written (after all layers ran)."""
         return self.replace(index=self.index + t)
+
+    def select(self, rows: jax.Array) -> KVCache:
+        """The cache of batch rows ``rows [n]`` (repeats allowed): one prompt's prefill shared
+        by its beams or samples, or the beams that survived a beam-search step."""
+        return self.replace(k=self.k[:, rows], v=self.v[:, rows], valid=self.valid[rows])

@@ -150,7 +150,7 @@ def _linears(model: nnx.Module) -> tuple[list[GraphPath], list[GraphPath]]:
 def _matches(pattern: str, dotted: str, names=None) -> bool:
     """A target is a module-name suffix (``q_proj``, ``self_attn.q_proj``), as in PEFT's
     ``target_modules`` list, or a regex that must match the whole dotted path; with a port's
-    ``names`` (``decoder.NameMap``) it may also name the HF module (GPT-2's ``c_attn``)."""
+    ``names`` (``lib.hf.NameMap``) it may also name the HF module (GPT-2's ``c_attn``)."""
     paths = [dotted]
     if names is not None and (theirs := names.convert(dotted, "theirs")):
         paths.append(theirs)
