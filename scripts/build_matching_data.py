@@ -1,16 +1,19 @@
-"""Build data/matching/ (headline <-> first sentence pairs) from the People's Daily corpus.
+"""Build data/matching/ (headline <-> first sentence pairs) and data/simcse/ (sentences) from
+the People's Daily corpus.
 
     python scripts/build_matching_data.py [--src ../shared/datasets] [--out data]
 
 Reads ``news/199801.txt`` (People's Daily, January 1998, PKU word/tag segmented, one
 paragraph per line) and writes ``matching/{train,dev,test}.tsv`` as ``query \\t doc \\t label``:
 an article's headline with its own first body sentence (label 1) or with another article's
-(label 0). Deterministic: running it twice gives byte-identical files. See data/README.md.
+(label 0); and ``simcse/train.txt``, one sentence per line (the headline and first sentences
+of each training article, none of them a text of the dev or test pairs) for unsupervised
+SimCSE, which is scored on the matching dev and test pairs. Deterministic: running it twice
+gives byte-identical files. See data/README.md.
 """
 
 from __future__ import annotations
 
-import argparse
 import random
 import re
 import shutil
@@ -19,65 +22,77 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from build_demo_data import REPO, SEED, dedup_key, normalize_space  # noqa: E402
+import peoples_daily  # noqa: E402
+from build_demo_data import SEED, dedup_key  # noqa: E402
+from peoples_daily import SENTENCE_END, articles, is_headline, plain, strip_dateline  # noqa: E402
 
 # Articles (not pairs) per split; each article gives one positive and one negative pair.
 SPLITS = {"train": 1800, "dev": 300, "test": 300}
-HEADLINE_CHARS = (4, 30)
 SENTENCE_CHARS = (10, 80)
-SENTENCE_END = "。！？"
-# A dateline in front of the first sentence: 本报北京１月２日讯 / 新华社北京１月２日电（记者 某某）.
-DATELINE = re.compile(r"^(本报|新华社|据新华社)[^，。]{0,24}?(讯|电)(（[^）]{0,30}）)?")
+# One sentence: up to a run of sentence ends and the closing quotes or brackets after them.
+SENTENCE = re.compile(f"[^{SENTENCE_END}]*[{SENTENCE_END}]+[”’」』）]*")
+# SimCSE: sentences per training article, from its first one on, besides its headline.
+SIMCSE_SENTENCES = 4
 
 
-def plain(line: str) -> str:
-    """The text of a segmented line: ``word/tag`` tokens and ``[...]nt`` groups unwrapped."""
-    words = []
-    for token in line.split():
-        word = token.rsplit("/", 1)[0] if "/" in token else token
-        words.append(word.lstrip("["))
-    return normalize_space("".join(words).replace("\t", " "))
-
-
-def is_headline(text: str) -> bool:
-    """A short line without sentence punctuation that is not a photo credit or a byline."""
-    low, high = HEADLINE_CHARS
-    return (low <= len(text) <= high and not any(p in text for p in SENTENCE_END + "，：；")
-            and not text.startswith(("（", "(")))
-
-
-def articles(lines: list[str]) -> list[tuple[str, str]]:
-    """``(headline, first sentence)`` of each article: a headline line starts an article (the
-    first of consecutive headline lines; subtitles and name lines are skipped), its first line
-    holding a sentence end gives the first sentence, the dateline removed."""
+def first_sentences(lines: list[str]) -> list[tuple[str, str]]:
+    """``(headline, first sentence)`` of each article: the article's first body line holding a
+    sentence end gives the first sentence, the dateline removed. An article without such a
+    line passes its headline on to the next article (the rule the shipped files were built
+    with)."""
     out = []
-    headline = None
-    for line in lines:
-        text = plain(line)
-        if not text:
-            continue
-        if is_headline(text):
-            headline = headline or text
-            continue
-        if headline is None:
-            continue
-        body = DATELINE.sub("", text).lstrip("　 ：:")
-        match = re.search(f"[{SENTENCE_END}]", body)
-        if match:
-            sentence = body[: match.end()]
-            low, high = SENTENCE_CHARS
-            if low <= len(sentence) <= high:
-                out.append((headline, sentence))
-            headline = None
+    carried = None
+    for article in articles(lines):
+        headline = carried or article.headline
+        carried = headline
+        for line in article.body:
+            body = strip_dateline(plain(line))
+            match = re.search(f"[{SENTENCE_END}]", body)
+            if match:
+                sentence = body[: match.end()]
+                low, high = SENTENCE_CHARS
+                if low <= len(sentence) <= high:
+                    out.append((headline, sentence))
+                carried = None
+                break
+    return out
+
+
+def simcse_sentences(lines: list[str], train: list[tuple[str, str]],
+                     held_out: list[tuple[str, str]]) -> list[str]:
+    """SimCSE's training sentences: each training article's headline and the sentences of
+    ``SENTENCE_CHARS`` length of its body from its first sentence on (at most
+    ``SIMCSE_SENTENCES``, up to the next headline line), each text once (by ``dedup_key``)
+    and none whose key is a text of ``held_out`` (the dev and test articles), shuffled."""
+    texts = [strip_dateline(plain(line)) for line in lines]
+    starts: dict[str, list[int]] = {}  # the first 10 characters of a line -> its indices
+    for i, text in enumerate(texts):
+        starts.setdefault(text[:10], []).append(i)
+    low, high = SENTENCE_CHARS
+    seen = {dedup_key(text) for pair in held_out for text in pair}
+    out = []
+    for headline, first in train:
+        i = next(i for i in starts[first[:10]] if texts[i].startswith(first))
+        lead: list[str] = []
+        while i < len(texts) and len(lead) < SIMCSE_SENTENCES and not is_headline(texts[i]):
+            found = (m.strip() for m in SENTENCE.findall(texts[i]))
+            lead += [t for t in found if low <= len(t) <= high]
+            i += 1
+        for text in [headline, *lead[:SIMCSE_SENTENCES]]:
+            if dedup_key(text) not in seen:
+                seen.add(dedup_key(text))
+                out.append(text)
+    random.Random(SEED).shuffle(out)
     return out
 
 
 def build(src: Path, out: Path) -> dict[str, int]:
-    """Write data/matching/{train,dev,test}.tsv and LICENSE; return the counts."""
+    """Write data/matching/{train,dev,test}.tsv, data/simcse/train.txt and their LICENSE;
+    return the counts."""
     lines = (src / "news" / "199801.txt").read_text(encoding="utf-8").splitlines()
     seen: set[str] = set()
     unique = []
-    for headline, sentence in articles(lines):
+    for headline, sentence in first_sentences(lines):
         keys = {dedup_key(headline), dedup_key(sentence)}
         if keys & seen:
             continue  # a repeated headline or lead (reprints, serials) would leak across splits
@@ -103,21 +118,16 @@ def build(src: Path, out: Path) -> dict[str, int]:
         (folder / f"{name}.tsv").write_text(text, encoding="utf-8")
         counts[f"matching/{name}.tsv"] = len(rows)
     shutil.copyfile(src / "news" / "LICENSE", folder / "LICENSE")
+
+    train, held_out = unique[: SPLITS["train"]], unique[SPLITS["train"] : need]
+    sentences = simcse_sentences(lines, train, held_out)
+    folder = out / "simcse"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "train.txt").write_text("".join(t + "\n" for t in sentences), encoding="utf-8")
+    shutil.copyfile(src / "news" / "LICENSE", folder / "LICENSE")
+    counts["simcse/train.txt"] = len(sentences)
     return counts
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Parse flags, build the data and print the counts."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--src", type=Path, default=REPO.parent / "shared" / "datasets",
-                        help="folder with news/199801.txt (default: ../shared/datasets)")
-    parser.add_argument("--out", type=Path, default=REPO / "data", help="output folder")
-    args = parser.parse_args(argv)
-    if not (args.src / "news" / "199801.txt").is_file():
-        sys.exit(f"{args.src}: expected news/199801.txt (set --src)")
-    for name, n in build(args.src, args.out).items():
-        print(f"{name}\t{n}")
-
-
 if __name__ == "__main__":
-    main()
+    peoples_daily.main(__doc__, build)

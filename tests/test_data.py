@@ -2,6 +2,7 @@
 
 import json
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -298,3 +299,133 @@ def test_build_script_reproduces_the_shipped_files(tmp_path):
     assert built == shipped
     for rel in built:
         assert (tmp_path / rel).read_bytes() == (DATA / rel).read_bytes(), rel
+
+
+def test_shipped_seq2seq_data_is_counted_and_true_by_construction():
+    counts = _readme_counts()
+    questions = {"文中提到的时间是什么？", "文中提到的人物是谁？", "文中提到的地点是哪里？",
+                 "文中提到的机构是哪个？"}
+    fields = {"summarization": {"id": int, "text": str, "summary": str},
+              "t5_qa": {"context": str, "answer": str, "question": str, "id": int},
+              "t5_filling": {"id": int, "text": str, "masked": str, "target": str}}
+    key = {"summarization": "text", "t5_qa": "context", "t5_filling": "text"}
+    for name, types in fields.items():
+        seen: dict[str, str] = {}
+        for split in ("train", "dev", "test"):
+            rows = read_jsonl(DATA / name / f"{split}.jsonl", types)
+            assert len(rows) == counts[f"{name}/{split}.jsonl"]
+            assert [r["id"] for r in rows] == list(range(len(rows)))
+            for r in rows:
+                assert r[key[name]] not in seen, f"{name}: {r[key[name]]!r} in {split} and " \
+                                                 f"{seen.get(r[key[name]])}"
+                seen[r[key[name]]] = split
+                if name == "summarization":
+                    assert 40 <= len(r["text"]) <= 256 and 4 <= len(r["summary"]) <= 30
+                elif name == "t5_qa":
+                    assert r["answer"] in r["context"] and r["question"] in questions
+                else:
+                    assert r["masked"].count("[MASK]") == 1 and r["target"]
+                    assert r["masked"].replace("[MASK]", r["target"]) == r["text"]
+        licence = (DATA / "matching" / "LICENSE").read_bytes()
+        assert (DATA / name / "LICENSE").read_bytes() == licence
+    assert (counts["summarization/dev.jsonl"], counts["t5_qa/train.jsonl"]) == (200, 3000)
+
+
+def test_news_build_scripts_reproduce_the_shipped_files(tmp_path, monkeypatch):
+    """Rebuilding data/matching and the seq2seq data from the People's Daily corpus gives
+    byte-identical files (needs the raw source)."""
+    import importlib.util
+
+    src = REPO.parent / "shared" / "datasets"
+    if not (src / "news" / "199801.txt").is_file():
+        pytest.skip("the raw People's Daily corpus is not available")
+    for script, folders in (("build_matching_data", ("matching", "simcse")),
+                            ("build_seq2seq_data", ("summarization", "t5_qa", "t5_filling"))):
+        spec = importlib.util.spec_from_file_location(script, REPO / "scripts" / f"{script}.py")
+        module = importlib.util.module_from_spec(spec)
+        monkeypatch.setitem(sys.modules, script, module)  # dataclasses look the module up
+        spec.loader.exec_module(module)
+        module.build(src, tmp_path)
+        for folder in folders:
+            shipped = sorted(p.name for p in (DATA / folder).iterdir())
+            assert sorted(p.name for p in (tmp_path / folder).iterdir()) == shipped
+            for name in shipped:
+                assert (tmp_path / folder / name).read_bytes() == (
+                    DATA / folder / name).read_bytes(), f"{folder}/{name}"
+
+
+def test_shipped_simcse_sentences_are_counted_and_not_in_the_pairs_it_is_scored_on():
+    counts = _readme_counts()
+    sentences = (DATA / "simcse" / "train.txt").read_text(encoding="utf-8").splitlines()
+    assert len(sentences) == counts["simcse/train.txt"] == 8324
+    key = lambda text: re.sub(r"[\W_]+", "", text.lower())  # noqa: E731 - build_demo_data's
+    assert len({key(t) for t in sentences}) == len(sentences)
+    assert all(4 <= len(t) <= 80 and "\t" not in t for t in sentences)
+    held_out = {key(r[c]) for split in ("dev", "test") for r in read_tsv(
+        DATA / "matching" / f"{split}.tsv", ["query", "doc", "label"]) for c in ("query", "doc")}
+    assert not held_out & {key(t) for t in sentences}
+    train_texts = {key(r[c]) for r in read_tsv(DATA / "matching" / "train.tsv",
+                                               ["query", "doc", "label"]) for c in ("query", "doc")}
+    assert len(train_texts & {key(t) for t in sentences}) > 3000  # the train articles' texts
+
+
+def test_shipped_pet_data_is_counted_balanced_and_rebuilt(tmp_path):
+    """data/pet: the README's counts, balanced label words, reviews of their own reviews/
+    split (so no text in two splits), and the script rebuilds it byte for byte."""
+    import importlib.util
+
+    counts = _readme_counts()
+    labels = (DATA / "pet" / "labels.txt").read_text(encoding="utf-8").split()
+    assert labels == ["正面", "负面"] and counts["pet/labels.txt"] == 2
+    source = {split: {r["text"] for r in read_tsv(DATA / "reviews" / f"{split}.tsv",
+                                                  ["label", "text"])}
+              for split in ("train", "dev", "test")}
+    for split, per_class in (("train", 32), ("dev", 300), ("test", 300)):
+        rows = read_tsv(DATA / "pet" / f"{split}.tsv", ["label", "text"])
+        assert len(rows) == counts[f"pet/{split}.tsv"] == 2 * per_class
+        assert [sum(r["label"] == w for r in rows) for w in labels] == [per_class] * 2
+        assert all(8 <= len(r["text"]) <= 100 and r["text"] in source[split] for r in rows)
+    spec = importlib.util.spec_from_file_location("build_pet_data",
+                                                  REPO / "scripts" / "build_pet_data.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.build(DATA / "reviews", tmp_path)
+    for name in ("train.tsv", "dev.tsv", "test.tsv", "labels.txt"):
+        assert (tmp_path / name).read_bytes() == (DATA / "pet" / name).read_bytes(), name
+
+
+def test_shipped_uie_records_are_counted_true_and_rebuilt(tmp_path, monkeypatch):
+    """data/uie: the README's counts, spans that are their content's characters, no sentence in
+    two splits, and (with the raw corpus) a byte-identical rebuild."""
+    import importlib.util
+
+    counts = _readme_counts()
+    fields = {"content": str, "result_list": list, "prompt": str}
+    seen: dict[str, str] = {}
+    for split in ("train", "dev", "test"):
+        rows = read_jsonl(DATA / "uie" / f"{split}.jsonl", fields)
+        assert len(rows) == counts[f"uie/{split}.jsonl"]
+        contents = {r["content"] for r in rows}
+        assert len(contents) == {"train": 3000, "dev": 300, "test": 300}[split]
+        for content in contents:
+            assert content not in seen, f"{content!r} in {seen.get(content)} and {split}"
+            seen[content] = split
+        for r in rows:
+            for s in r["result_list"]:
+                assert r["content"][s["start"]:s["end"]] == s["text"]
+            if r["prompt"] not in ("人物", "地点", "机构", "时间"):
+                subject, predicate = r["prompt"].split("的", 1)
+                assert len(r["result_list"]) <= 1
+                if r["result_list"]:  # stated by apposition: subject title person
+                    assert subject + predicate + r["result_list"][0]["text"] in r["content"]
+    src = REPO.parent / "shared" / "datasets"
+    if not (src / "news" / "199801.txt").is_file():
+        pytest.skip("the raw People's Daily corpus is not available")
+    spec = importlib.util.spec_from_file_location("build_uie_data",
+                                                  REPO / "scripts" / "build_uie_data.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "build_uie_data", module)
+    spec.loader.exec_module(module)
+    module.build(src, tmp_path)
+    for name in ("train.jsonl", "dev.jsonl", "test.jsonl", "LICENSE"):
+        assert (tmp_path / "uie" / name).read_bytes() == (DATA / "uie" / name).read_bytes(), name
