@@ -4,8 +4,9 @@
 
 Character 1-2-gram TF-IDF vectors (fitted on the training pairs' texts); a pair matches when
 the cosine of its two vectors reaches a threshold, the one with the best macro F1 on dev.
-Prints dev and test accuracy / macro F1 and the wall time, for comparison with
-``python main.py --config=configs/matching.py`` (small BERTs trained from scratch).
+Prints dev and test accuracy / macro F1, the Spearman correlation of cosine and label, and
+the wall time, for comparison with ``python main.py --config=configs/matching.py`` (small BERTs
+trained from scratch) and ``configs/simcse.py`` (scored on the same pairs).
 """
 
 from __future__ import annotations
@@ -49,8 +50,10 @@ def main() -> None:
     threshold = max(np.unique(dev), key=lambda t: f1(split["dev"], dev, t)[0])
     print(f"threshold (best dev macro F1): {threshold:.4f}")
     for name in ("dev", "test"):
-        value, gold, pred = f1(split[name], cosines(split[name]), threshold)
-        print(f"{name}: accuracy={metrics.accuracy(gold, pred):.4f} macro_f1={value:.4f}")
+        scores = cosines(split[name])
+        value, gold, pred = f1(split[name], scores, threshold)
+        print(f"{name}: accuracy={metrics.accuracy(gold, pred):.4f} macro_f1={value:.4f} "
+              f"spearman={metrics.spearman(scores, gold):.4f}")
     print(f"wall time: {time.perf_counter() - start:.1f} s")
 
 

@@ -22,6 +22,7 @@ Choices of CharVocab, and where it differs from HF's BERT tokenizer:
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from collections import Counter
@@ -35,6 +36,9 @@ from lib.data import pad_and_stack
 from lib.errors import UserError
 
 VOCAB_FILE = "vocab.txt"
+TOKENIZER_CONFIG = "tokenizer_config.json"
+# The key of tokenizer_config.json that marks a CharVocab directory.
+CHAR_VOCAB_KEY = "char_vocab"
 DEFAULT_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "<bos>", "<eos>")
 # Characters that cannot live on a line of vocab.txt.
 _LINE_BREAKS = ("\n", "\r")
@@ -51,6 +55,8 @@ def load_hf_tokenizer(model_dir: str | os.PathLike, key: str | None = "model.pat
     hint = f" (set --config.{key}=DIR)" if key else ""
     if not os.path.isdir(model_dir):
         raise UserError(f"{model_dir}: model directory not found{hint}")
+    if _is_char_vocab(model_dir):
+        return CharVocab.load(model_dir)
     try:
         return AutoTokenizer.from_pretrained(
             str(model_dir), local_files_only=True, trust_remote_code=False
@@ -58,6 +64,16 @@ def load_hf_tokenizer(model_dir: str | os.PathLike, key: str | None = "model.pat
     except (OSError, ValueError, KeyError, TypeError) as e:
         reason = " ".join(str(e).split())  # HF messages span lines; a UserError is one line
         raise UserError(f"{model_dir}: cannot load a tokenizer from it ({reason}){hint}") from None
+
+
+def _is_char_vocab(model_dir: str | os.PathLike) -> bool:
+    """Whether ``model_dir`` holds a vocabulary saved by ``CharVocab`` (a scratch model's
+    export): its ``tokenizer_config.json`` says so."""
+    path = Path(model_dir) / TOKENIZER_CONFIG
+    try:
+        return bool(json.loads(path.read_text(encoding="utf-8")).get(CHAR_VOCAB_KEY))
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _truncate_pair(n1: int, n2: int, budget: int, strategy: str) -> tuple[int, int]:
@@ -127,12 +143,27 @@ class CharVocab:
             chars = chars[: max(max_size - len(specials), 0)]
         return cls(list(specials) + chars)
 
+    def with_specials(self, tokens: Sequence[str]) -> CharVocab:
+        """This vocabulary plus the special `tokens` it lacks, appended (existing ids keep
+        their meaning): reserved tokens such as p-tuning's `[unused1]` ... `[unusedN]`, which a
+        vocabulary built from data never has. Each must be longer than one character."""
+        if any(len(t) < 2 for t in tokens):
+            raise ValueError(f"special tokens must be longer than one character: {tokens}")
+        missing = [t for t in dict.fromkeys(tokens) if t not in self.token_to_id]
+        return CharVocab(self.tokens + missing) if missing else self
+
     def save(self, directory: str | os.PathLike) -> str:
-        """Write `directory/vocab.txt`, one token per line; return its path."""
+        """Write `directory/vocab.txt`, one token per line, and a `tokenizer_config.json` that
+        marks the directory as a character vocabulary (`load_hf_tokenizer` then loads a
+        CharVocab; `transformers` a BertTokenizer without lowercasing); return the vocab path."""
         os.makedirs(directory, exist_ok=True)
         path = os.path.join(directory, VOCAB_FILE)
         with open(path, "w", encoding="utf-8", newline="\n") as f:
             f.write("".join(t + "\n" for t in self.tokens))
+        marker = {"tokenizer_class": "BertTokenizer", "do_lower_case": False,
+                  CHAR_VOCAB_KEY: True}
+        with open(os.path.join(directory, TOKENIZER_CONFIG), "w", encoding="utf-8") as f:
+            json.dump(marker, f, indent=2)
         return path
 
     def save_pretrained(self, directory: str | os.PathLike) -> str:

@@ -19,7 +19,6 @@ training data; the towers wrap it in ``lib.models.pooling.TwoTower``.
 from __future__ import annotations
 
 import itertools
-import math
 import sys
 import time
 
@@ -30,9 +29,8 @@ import optax
 from flax import nnx
 
 from lib import config as config_lib
-from lib import metrics as metrics_lib
 from lib import pairs
-from lib.data import ArrayDataset, json_object_or_none
+from lib.data import json_object_or_none
 from lib.errors import UserError
 from lib.models.pooling import POOLINGS, TwoTower, cosine
 from tasks import base
@@ -43,14 +41,6 @@ MATCHINGS = ("pointwise", "dssm", "sentence_transformer")
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     """Mean softmax cross-entropy of integer labels."""
     return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels))
-
-
-class EvalSet:
-    """A split as arrays (with labels) and its texts (for samples)."""
-
-    def __init__(self, data: ArrayDataset, rows: list[dict]):
-        self.data = data
-        self.rows = rows
 
 
 def _towers_problem(value, config) -> str | None:
@@ -107,18 +97,15 @@ class Task(base.Task):
         encode = pairs.encode_towers if self.towers else pairs.encode_joint
         return encode(tokenizer, queries, docs, self.max_length)
 
-    def _dataset(self, tokenizer, key: str) -> EvalSet:
-        path = config_lib.lookup(self.config, key)
-        rows = pairs.read_pairs(path, key=key)
-        arrays = self.encode(tokenizer, [r["query"] for r in rows], [r["doc"] for r in rows])
-        arrays["labels"] = np.asarray([r["label"] for r in rows], np.int32)
-        return EvalSet(ArrayDataset(arrays, name=path), rows)
+    def _dataset(self, tokenizer, key: str) -> pairs.PairSet:
+        return pairs.read_pair_set(config_lib.lookup(self.config, key), key, tokenizer,
+                                   self.max_length, self.towers)
 
     def datasets(self, tokenizer):
-        """A train ``ArrayDataset`` (``data.train``) and an ``EvalSet`` (``data.eval``)."""
+        """A train ``ArrayDataset`` (``data.train``) and a ``PairSet`` (``data.eval``)."""
         return self._dataset(tokenizer, "data.train").data, self._dataset(tokenizer, "data.eval")
 
-    def test_dataset(self, tokenizer) -> EvalSet | None:
+    def test_dataset(self, tokenizer) -> pairs.PairSet | None:
         """``data.test`` (empty: none), scored on the best checkpoint after training."""
         return self._dataset(tokenizer, "data.test") if self.config.data.test else None
 
@@ -148,12 +135,7 @@ class Task(base.Task):
     def scores(self, model, arrays: dict[str, np.ndarray]) -> np.ndarray:
         """``outputs`` of every row of ``arrays`` (no labels needed), batched and jitted."""
         forward = nnx.jit(lambda m, b: self.outputs(m, b))
-        out = []
-        data = ArrayDataset({k: v for k, v in arrays.items() if k != "labels"}, name="pairs")
-        for batch in data.eval_batches(self.eval_batch_size):
-            valid = batch.pop(ArrayDataset.VALID)
-            out.append(np.asarray(forward(model, batch))[valid])
-        return np.concatenate(out)
+        return pairs.run_batched(forward, model, arrays, self.eval_batch_size)
 
     def decide(self, out: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """``(predicted label, score of label 1)``: cosine >= threshold (DSSM), else argmax
@@ -163,16 +145,11 @@ class Task(base.Task):
         probs = np.asarray(jax.nn.softmax(out, -1))
         return out.argmax(-1), probs[:, 1]
 
-    def evaluate(self, model, eval_data: EvalSet, repeat: int = 0):
+    def evaluate(self, model, eval_data: pairs.PairSet, repeat: int = 0):
         """Accuracy, macro P/R/F1 (+ Spearman for DSSM) and 8 samples (deterministic)."""
         pred, score = self.decide(self.scores(model, eval_data.data.arrays))
         gold = eval_data.data.arrays["labels"]
-        prf = metrics_lib.precision_recall_f1(gold, pred, average="macro", labels=[0, 1])
-        out = {"accuracy": metrics_lib.accuracy(gold, pred),
-               **{k: prf[k] for k in ("precision", "recall", "f1")}}
-        if self.matching == "dssm":
-            rho = metrics_lib.spearman(score, gold)
-            out["spearman"] = 0.0 if math.isnan(rho) else rho
+        out = pairs.match_report(gold, pred, score if self.matching == "dssm" else None)
         samples = [{"query": r["query"], "doc": r["doc"][:60], "label": r["label"],
                     "pred": int(p), "score": round(float(s), 4)}
                    for r, p, s in zip(eval_data.rows[:8], pred[:8], score[:8])]
@@ -192,13 +169,10 @@ class Task(base.Task):
             arrays = self.encode(tokenizer, [text] * len(candidates), candidates)
             pred, score = self.decide(self.scores(model, arrays))
             print(f"Used {time.perf_counter() - start:.3f}s.", file=sys.stderr, flush=True)
-            order = np.argsort(-score, kind="stable")
             if self.matching == "dssm":
-                ranked = [[candidates[i], round(float(score[i]), 4)] for i in order]
-                out.append({"text": text, "ranking": ranked})
+                out.append({"text": text, "ranking": pairs.ranked(candidates, score)})
             else:
-                matches = [[candidates[i], round(float(score[i]), 4)] for i in order if pred[i]]
-                out.append({"text": text, "matches": matches})
+                out.append({"text": text, "matches": pairs.ranked(candidates, score, pred == 1)})
         return out
 
     def _predict_pairs(self, model, tokenizer, inputs: list[str]) -> list[dict]:

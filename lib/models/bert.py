@@ -1,4 +1,5 @@
-"""BERT and ERNIE encoders in Flax NNX, with the masked-LM and sequence-classification heads.
+"""BERT and ERNIE encoders in Flax NNX, with the masked-LM, sequence-classification and UIE
+heads.
 
 The module tree mirrors Hugging Face's (``bert.encoder.layer.0.attention.self.query``, LayerNorm
 attributes named ``LayerNorm``) so that ``lib.hf`` converts parameter names by its generic rule.
@@ -152,7 +153,8 @@ class BertConfig:
             out["use_task_id"] = self.use_task_id
             out["task_type_vocab_size"] = self.task_type_vocab_size
         family = {"bert": "Bert", "ernie": "Ernie"}[self.model_type]
-        out["architectures"] = [family + head]
+        # UIE has no transformers class: its config.json names the PyTorch class, "UIE".
+        out["architectures"] = [head if head == "UIE" else family + head]
         old = self.hf_extra.get("id2label")
         if old is not None and len(old) == self.num_labels:
             out["id2label"] = {str(k): v for k, v in old.items()}
@@ -398,9 +400,14 @@ class BertForMaskedLM(nnx.Module):
         task_type_ids: jax.Array | None = None,
         *,
         rngs: nnx.Rngs | None = None,
+        logits_at: jax.Array | None = None,
     ) -> jax.Array:
-        """Vocabulary logits ``[b, t, vocab]`` (fp32) at every position."""
+        """Vocabulary logits ``[b, t, vocab]`` (fp32) at every position; ``logits_at [b, k]``
+        (positions within ``t``) gives ``[b, k, vocab]`` at those positions only (the head's
+        work and memory for k positions instead of t: a prompt's ``[MASK]`` slots)."""
         x, _ = self.bert(input_ids, attention_mask, token_type_ids, task_type_ids, rngs=rngs)
+        if logits_at is not None:
+            x = jnp.take_along_axis(x, logits_at[..., None], axis=1)
         tr = self.cls.predictions.transform
         x = tr.LayerNorm(layers.ACTIVATIONS[self.act](tr.dense(x)))
         logits = layers.tied_logits(x, self.bert.embeddings.word_embeddings)
@@ -499,6 +506,81 @@ class BertForSequenceClassification(nnx.Module):
         return _with_prefix(state, self.hf_prefix)
 
 
+class BertForUIE(nnx.Module):
+    """UIE (universal information extraction): the encoder plus two pointer heads, each a
+    ``Linear(hidden, 1)`` on every token whose sigmoid is the probability that an answer span
+    starts (``linear_start``) / ends (``linear_end``) there.
+
+    Checkpoints are the PyTorch conversions of PaddleNLP's ``uie-base`` (``Pky/uie-base-zh``):
+    ``encoder.*`` (an ``ErnieModel`` with its pooler, ``encoder.embeddings...``) plus
+    ``linear_start.*`` / ``linear_end.*``, ``architectures: ["UIE"]``; PaddleNLP's later
+    ``ernie.*`` naming loads too. A plain BERT/ERNIE checkpoint (no pointer heads) gets fresh
+    heads, logged. Export writes the ``encoder.*`` layout back.
+    """
+
+    hf_head = "UIE"
+    # Fresh heads start at the log-odds of a 1% span boundary, about the share of tokens that
+    # start or end an answer, instead of 0 (p = 0.5): the first steps then learn where spans
+    # are rather than pushing every token down (a scratch demo finds spans by step 300 instead
+    # of step 900). A loaded checkpoint's heads keep their own bias.
+    prior_logit = float(np.log(0.01 / 0.99))
+
+    def __init__(self, cfg: BertConfig, *, rngs: nnx.Rngs):
+        h, dt = cfg.hidden_size, cfg.dtype
+        # The pooler is unused by the heads but part of the checkpoint layout (kept for export).
+        self.bert = BertModel(cfg, rngs=rngs)
+        self.linear_start = layers.dense(h, 1, ("embed", None), rngs=rngs, dtype=dt)
+        self.linear_end = layers.dense(h, 1, ("embed", None), rngs=rngs, dtype=dt)
+        for head in (self.linear_start, self.linear_end):
+            head.bias[...] = jnp.full_like(head.bias[...], self.prior_logit)
+        self.hf_prefix = cfg.hf_prefix
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        attention_mask: jax.Array | None = None,
+        token_type_ids: jax.Array | None = None,
+        task_type_ids: jax.Array | None = None,
+        *,
+        rngs: nnx.Rngs | None = None,
+    ) -> tuple[jax.Array, jax.Array]:
+        """Start and end logits ``[b, t]`` (fp32); their sigmoids are the probabilities."""
+        x, _ = self.bert(input_ids, attention_mask, token_type_ids, task_type_ids, rngs=rngs)
+        start = self.linear_start(x)[..., 0].astype(jnp.float32)
+        end = self.linear_end(x)[..., 0].astype(jnp.float32)
+        return start, end
+
+    def hf_to_ours(self, state: StateDict) -> StateDict:
+        """UIE keys (``encoder.embeddings...``, ``ernie.*`` or a bare/headed BERT/ERNIE) ->
+        ours. Pretraining heads (``cls.*``) are dropped; a checkpoint with neither pointer head
+        (an encoder to fine-tune) gets fresh ones, and one without a pooler a fresh pooler.
+        Anything else missing or left over is an error (``hf.load_into``)."""
+        state = _clean(state)
+        if any(k.startswith("encoder.embeddings.") for k in state):
+            state = {("bert." + k[len("encoder."):] if k.startswith("encoder.") else k): v
+                     for k, v in state.items()}
+        else:
+            state = _encoder_keys(state, self.hf_prefix, "bert.")
+            for key in [k for k in state if k.startswith("cls.")]:
+                del state[key]
+        hidden = self.linear_start.kernel.shape[0]
+        fresh = [("bert.pooler.dense", hidden)]
+        if not any(k.startswith(("linear_start.", "linear_end.")) for k in state):
+            fresh += [("linear_start", 1), ("linear_end", 1)]  # an encoder without UIE heads
+        for i, (name, out) in enumerate(fresh):
+            if not any(k.startswith(name + ".") for k in state):
+                log.warning("checkpoint has no %s: initialized randomly", name)
+                state.update(_fresh_dense(name, hidden, out, seed=i))
+                if name.startswith("linear_"):
+                    state[name + ".bias"][:] = self.prior_logit
+        return state
+
+    def ours_to_hf(self, state: StateDict) -> StateDict:
+        """Ours -> the PyTorch UIE keys: the encoder under ``encoder.``."""
+        return {("encoder." + k[len("bert."):] if k.startswith("bert.") else k): v
+                for k, v in state.items()}
+
+
 # ----------------------------------------------------------------------------- key helpers
 
 # Heads that a bare encoder drops when loaded from a checkpoint with a task head.
@@ -551,7 +633,8 @@ def _with_prefix(state: StateDict, hf_prefix: str) -> StateDict:
 
 # ----------------------------------------------------------------------------- load / export
 
-BertClass = type[BertModel] | type[BertForMaskedLM] | type[BertForSequenceClassification]
+BertClass = (type[BertModel] | type[BertForMaskedLM] | type[BertForSequenceClassification]
+             | type[BertForUIE])
 
 
 def load_pretrained(
@@ -603,9 +686,10 @@ def export_pretrained(
 
 # "encoder": the bare encoder with its pooler (sentence vectors, lib.models.pooling).
 # "reward": one score per text, the classifier with num_labels=1 (HF exports it as such).
+# "uie": start/end pointer heads on every token (universal information extraction).
 HEAD_CLASSES = {"sequence_classification": BertForSequenceClassification,
                 "masked_lm": BertForMaskedLM, "encoder": BertModel,
-                "reward": BertForSequenceClassification}
+                "reward": BertForSequenceClassification, "uie": BertForUIE}
 
 
 def _load_head(model_dir, head: str, *, dtype, remat: bool, num_labels=None, pooling="cls"):

@@ -4,7 +4,8 @@ Poolers (``pool(kind, ...)``): ``cls`` (the [CLS] state of the last layer), ``po
 pooler: tanh(dense([CLS]))) and ``mean`` (the mean of the last layer over real tokens; padding
 never counts). ``TwoTower`` wraps an encoder built by the registry (``head="encoder"``: a
 ``BertModel`` with its pooler) so that each side of a pair is encoded alone, plus an optional
-Sentence-Transformer classifier over ``[u; v; |u - v|]``.
+Sentence-Transformer classifier over ``[u; v; |u - v|]`` and an optional projection head
+(SimCSE's Linear -> dropout -> L2 normalisation of the sentence vector).
 """
 
 from __future__ import annotations
@@ -49,6 +50,11 @@ def cosine(u: jax.Array, v: jax.Array, eps: float = 1e-8) -> jax.Array:
     return jnp.sum(u * v, axis=-1) / norms
 
 
+def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
+    """Rows of ``x`` scaled to unit L2 norm (as ``torch.nn.functional.normalize``)."""
+    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+
+
 def pair_features(u: jax.Array, v: jax.Array) -> jax.Array:
     """Sentence-Transformer's classifier input ``[u; v; |u - v|]`` (``[b, 3H]``)."""
     return jnp.concatenate([u, v, jnp.abs(u - v)], axis=-1)
@@ -56,10 +62,13 @@ def pair_features(u: jax.Array, v: jax.Array) -> jax.Array:
 
 class TwoTower(nnx.Module):
     """One shared encoder applied to each side of a pair; ``num_labels > 0`` adds a Linear
-    over ``pair_features`` (Sentence-Transformer's softmax head)."""
+    over ``pair_features`` (Sentence-Transformer's softmax head); ``projection > 0`` maps each
+    sentence vector through Linear(projection) -> dropout(``projection_dropout``) -> L2
+    normalisation (SimCSE's head)."""
 
     def __init__(self, encoder: nnx.Module, pooling: str, hidden_size: int, num_labels: int = 0,
-                 *, rngs: nnx.Rngs, dtype=jnp.float32):
+                 *, projection: int = 0, projection_dropout: float = 0.0, rngs: nnx.Rngs,
+                 dtype=jnp.float32):
         if pooling not in POOLINGS:
             raise UserError(f"pooling {pooling!r}: choose one of {', '.join(POOLINGS)}")
         self.encoder = encoder
@@ -68,12 +77,22 @@ class TwoTower(nnx.Module):
             self.classifier = layers.dense(3 * hidden_size, num_labels, ("embed", None),
                                            rngs=rngs, dtype=dtype)
         self.num_labels = num_labels
+        if projection:
+            self.projection = layers.dense(hidden_size, projection, ("embed", None),
+                                           rngs=rngs, dtype=dtype)
+        self.projection_size = projection
+        self.projection_dropout = projection_dropout
 
     def embed(self, input_ids, attention_mask, token_type_ids=None, *,
               rngs: nnx.Rngs | None = None) -> jax.Array:
-        """Sentence vectors ``[b, H]`` (fp32) of one side."""
+        """Sentence vectors ``[b, H]`` (fp32) of one side (``[b, projection]``, unit length,
+        with a projection head)."""
         states, pooled = self.encoder(input_ids, attention_mask, token_type_ids, rngs=rngs)
-        return pool(self.pooling, states, pooled, attention_mask).astype(jnp.float32)
+        vector = pool(self.pooling, states, pooled, attention_mask)
+        if self.projection_size:
+            vector = layers.dropout(self.projection(vector), self.projection_dropout, rngs)
+            return l2_normalize(vector.astype(jnp.float32))
+        return vector.astype(jnp.float32)
 
     def classify(self, u: jax.Array, v: jax.Array) -> jax.Array:
         """Logits ``[b, num_labels]`` of the pair vectors ``u, v``."""
