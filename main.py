@@ -2,9 +2,10 @@
 
 Modes: ``train`` (resumes from --workdir; a config that declares a sweep trains and compares
 its runs), ``eval`` (best checkpoint on config.data.eval), ``predict`` (texts from
-config.predict.input, one per line, '-' for stdin) and ``export`` (an HF-format directory under
-workdir/export). Mistakes in the command line, the config or the data print one ``error:``
-line and exit with status 2 (``lib.cli``).
+config.predict.input, one per line, '-' for stdin), ``export`` (an HF-format directory under
+workdir/export), and the interactive tools of the tasks that have them (``rate`` and ``rank``:
+the human feedback of configs/ppo.py). Mistakes in the command line, the config or the data
+print one ``error:`` line and exit with status 2 (``lib.cli``).
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from lib.errors import Preempted, UserError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (default: workdirs/<task>).")
-_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "predict", "export"], "What to do.")
+_MODE = flags.DEFINE_enum("mode", "train", ["train", "eval", "predict", "export", *cli.TOOL_MODES],
+                          "What to do.")
 _DISTRIBUTED = flags.DEFINE_bool(
     "distributed", False,
     "Multi-host: call jax.distributed.initialize() first (coordinator from the environment).",

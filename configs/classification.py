@@ -7,6 +7,8 @@ Variants (``--config=configs/classification.py:VARIANT``):
   roberta-wwm-ext      fine-tune ``hfl/chinese-roberta-wwm-ext``
   macbert-base         fine-tune ``hfl/chinese-macbert-base``
   ernie-3.0-base       fine-tune ``nghuyong/ernie-3.0-base-zh``
+  ppo-reward           the demo model, trained briefly on texts of at most 64 tokens: the
+                       sentiment reward of the PPO demo (configs/ppo.py)
   loss-sweep           the demo model trained twice, with cross-entropy and with focal loss
                        (gamma 2), each best checkpoint evaluated and the two compared
 
@@ -40,7 +42,7 @@ PRETRAINED = {
     "macbert-base": "hfl/chinese-macbert-base",
     "ernie-3.0-base": "nghuyong/ernie-3.0-base-zh",
 }
-SCRATCH = ("demo", "loss-sweep")
+SCRATCH = ("demo", "loss-sweep", "ppo-reward")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -96,6 +98,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.log.every = 10
         c.eval.every = 200
         c.checkpoint.every = 200
+    if variant == "ppo-reward":
+        # The sentiment reward of the PPO demo: short texts (a prompt and 16 tokens).
+        c.data.max_length = 64
+        # HF's BertForSequenceClassification pools [CLS]: the reward is loaded from the export.
+        c.model.pooling = "cls"
+        c.data.test = ""
+        c.train.steps = 300
+        c.eval.every = c.checkpoint.every = 150
     if variant == "loss-sweep":
         c.train.steps = 600
         c.eval.every = c.checkpoint.every = 200

@@ -6,6 +6,8 @@ Variants (``--config=configs/sft.py:VARIANT``):
   qwen2.5-0.5b-masked    Qwen2.5-0.5B, full fine-tune, loss on the output only
   qwen2.5-0.5b-unmasked  Qwen2.5-0.5B, full fine-tune, loss on the whole sequence
   qwen2.5-1.5b-lora      Qwen2.5-1.5B with LoRA (r 8, alpha 32, dropout 0.1, q_proj/v_proj)
+  reviews-lm             a small GPT-2 pretrained from scratch on the review texts of
+                         ``data/reviews`` (the policy that the PPO demo starts from)
 
 Pretrained variants need the HF checkpoint on disk (``--config.model.path=DIR``) and your data
 (``--config.data.train=... --config.data.eval=...``: a JSON array or ``.jsonl`` of
@@ -26,6 +28,7 @@ import ml_collections
 
 from lib import config as config_lib
 
+SCRATCH = ("demo", "reviews-lm")
 PRETRAINED = {
     "qwen2.5-0.5b-masked": "Qwen/Qwen2.5-0.5B",
     "qwen2.5-0.5b-unmasked": "Qwen/Qwen2.5-0.5B",
@@ -67,8 +70,8 @@ def lm_config(task: str, variant: str) -> ml_collections.ConfigDict:
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     """The config of one variant (see the module docstring)."""
     variant = arg or "demo"
-    if variant != "demo" and variant not in PRETRAINED:
-        raise ValueError(f"unknown variant {variant!r}: demo, {', '.join(PRETRAINED)}")
+    if variant not in SCRATCH and variant not in PRETRAINED:
+        raise ValueError(f"unknown variant {variant!r}: {', '.join(SCRATCH + tuple(PRETRAINED))}")
     c = lm_config("sft", variant)
     c.model.hub_id = PRETRAINED.get(variant, "")
     # Scratch model: SwiGLU feed-forward width.
@@ -86,7 +89,25 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.eval.every = 50
     c.eval.batch_size = 8
 
-    if variant != "demo":
+    if variant == "reviews-lm":
+        # A small GPT-2 pretrained on the review texts: the policy of the PPO demo.
+        c.model.family = "gpt2"
+        c.model.num_key_value_heads = 4
+        c.model.intermediate_size = 512
+        c.model.min_char_freq = 2
+        c.data.train = "data/reviews/train.tsv"
+        c.data.eval = "data/reviews/dev.tsv"
+        c.data.loss_mode = "unmasked"
+        c.data.max_length = 48
+        c.data.max_prompt_length = 8
+        c.train.epochs = 0
+        c.train.steps = 500
+        c.train.batch_size = 32
+        c.checkpoint.every = c.eval.every = 250
+        c.eval.batch_size = 64
+        c.eval.max_new_tokens = 24
+        c.log.every = 50
+    if variant in PRETRAINED:
         # The recorded setup: bf16, AdamW lr 5e-5 with linear decay, batch 4, 3 epochs.
         c.model.dtype = "bfloat16"
         c.data.max_length = 512

@@ -9,6 +9,8 @@ import shutil
 import sys
 from pathlib import Path
 
+from lib.errors import UserError
+
 
 def enable_compilation_cache() -> None:
     """Keep compiled XLA programs on disk: a rerun or resume of the same config skips
@@ -21,8 +23,13 @@ def enable_compilation_cache() -> None:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 
 
+# Interactive modes some tasks offer (``Task.tools``).
+TOOL_MODES = ("rate", "rank")
+
+
 def run(config, workdir: Path, mode: str) -> None:
-    """Run ``mode`` (train, eval, predict or export) of ``config``'s task in ``workdir``."""
+    """Run ``mode`` (train, eval, predict, export, or a tool of ``TOOL_MODES``) of
+    ``config``'s task in ``workdir``."""
     import tasks
     from lib import sweep, train
 
@@ -32,6 +39,13 @@ def run(config, workdir: Path, mode: str) -> None:
     task = tasks.create(config, mode)
     if mode == "train":
         task.run(workdir)
+        return
+    if mode in TOOL_MODES:
+        tools = task.tools()
+        if mode not in tools:
+            has = f"its tools: {', '.join(tools)}" if tools else "it has none"
+            raise UserError(f"--mode={mode} is a tool that task {config.task} lacks ({has})")
+        tools[mode](workdir)
         return
     model, tokenizer, step = train.restore_model(task, workdir)
     if mode == "eval":
@@ -48,14 +62,20 @@ def run(config, workdir: Path, mode: str) -> None:
         for out in task.predict(model, tokenizer, texts):
             print(json.dumps(out, ensure_ascii=False), flush=True)
     elif mode == "export":
-        # Written beside and then swapped in: a killed export leaves the previous one whole, and
-        # no file of an earlier export (say an adapter_config.json) survives into this one.
-        out_dir, partial = workdir / "export", workdir / "export.partial"
-        shutil.rmtree(partial, ignore_errors=True)
-        task.export(model, tokenizer, str(partial))
-        shutil.rmtree(out_dir, ignore_errors=True)
-        partial.rename(out_dir)
+        out_dir = export(task, model, tokenizer, workdir)
         print(f"exported step {step} to {out_dir}", flush=True)
+
+
+def export(task, model, tokenizer, workdir: Path) -> Path:
+    """``task.export`` of ``model`` into ``workdir/export``, written beside and then swapped in:
+    a killed export leaves the previous one whole, and no file of an earlier export (say an
+    adapter_config.json) survives into this one."""
+    out_dir, partial = workdir / "export", workdir / "export.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    task.export(model, tokenizer, str(partial))
+    shutil.rmtree(out_dir, ignore_errors=True)
+    partial.rename(out_dir)
+    return out_dir
 
 
 def config_load_error(error: OSError) -> str:

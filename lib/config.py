@@ -24,7 +24,7 @@ import ml_collections
 
 from lib.errors import UserError
 
-MODES = ("train", "eval", "predict", "export")
+MODES = ("train", "eval", "predict", "export", "rate", "rank")
 # Where the data files are read: predict and export work from the run's saved assets.
 DATA_MODES = ("train", "eval")
 

@@ -25,7 +25,7 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import IO, Any
 
 import matplotlib
@@ -148,6 +148,8 @@ class Monitor:
       log_every: the trainer's logging interval; the speed of the first line after a (re)start
         is `log_every` steps over the time since construction when the trainer gives none.
       enabled: False on non-zero jax processes; every method is then a no-op.
+      plots: the training scalars drawn in the PNG, one panel each (default: the loss and the
+        learning rate); the eval metrics follow.
     """
 
     def __init__(
@@ -157,8 +159,10 @@ class Monitor:
         steps_per_epoch: int,
         log_every: int,
         enabled: bool = True,
+        plots: Sequence[str] = ("loss", "learning_rate"),
     ):
         self.enabled = enabled
+        self.plots = tuple(plots)
         self.total_steps = total_steps
         self.steps_per_epoch = max(1, steps_per_epoch)
         self.log_every = max(1, log_every)
@@ -365,9 +369,10 @@ class Monitor:
         self._last_plot = _clock()
         self._drawn = self._history_size()
         panels = []  # (title, kind, metric)
-        for name, title in (("loss", "train loss"), ("learning_rate", "learning rate")):
+        titles = {"loss": "train loss", "learning_rate": "learning rate"}
+        for name in self.plots:
             if any(name in p for p in self.history["train"]):
-                panels.append((title, "train", name))
+                panels.append((titles.get(name, name.replace("_", " ")), "train", name))
         eval_names: list[str] = []
         for point in self.history["eval"]:
             eval_names += [k for k in point if k != "step" and k not in eval_names]

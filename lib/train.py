@@ -288,7 +288,7 @@ def checkpoints(config, workdir: str | os.PathLike) -> Checkpoints:
 # ----------------------------------------------------------------------------- the loop
 
 
-class _Preemption:
+class Preemption:
     """Turns SIGTERM into a flag checked after each step (save, then exit cleanly)."""
 
     def __init__(self):
@@ -333,8 +333,6 @@ def train(config, workdir: str | os.PathLike, task) -> dict[str, float]:
     workdir = Path(workdir)
     tcfg = config.train
     rules = tuple(tuple(r) for r in config.mesh.rules) or sharding.DEFAULT_RULES
-    if jax.process_index() == 0:
-        write_json(workdir / "config.json", json.loads(config.to_json_best_effort()))
 
     # --- mesh
     mesh = sharding.make_mesh(config.mesh.data, config.mesh.fsdp, config.mesh.tensor)
@@ -344,6 +342,9 @@ def train(config, workdir: str | os.PathLike, task) -> dict[str, float]:
     # --- model and input
     model, tokenizer = task.build()
     train_data, eval_data = task.datasets(tokenizer)
+    # Written once the data has loaded: a data error leaves the workdir untouched.
+    if jax.process_index() == 0:
+        write_json(workdir / "config.json", json.loads(config.to_json_best_effort()))
     task.save_assets(tokenizer, workdir)
     steps_per_epoch = max(train_data.steps_per_epoch(global_batch), 1)
     total = total_steps(config, steps_per_epoch)
@@ -447,7 +448,7 @@ def train(config, workdir: str | os.PathLike, task) -> dict[str, float]:
         t_last, steps_since = time.perf_counter(), 0
 
     try:
-        with _Preemption() as preempt:
+        with Preemption() as preempt:
             for step in range(start, total):
                 batch = train_data.batch(step, global_batch, int(tcfg.seed))
                 state, metrics = train_step(state, frozen, sharding.shard_batch(batch, mesh))

@@ -20,6 +20,8 @@ declared here; the optional ones have a default, so callers never probe a task:
   evaluations (tasks that sample fold it into their key)
 - ``predict(model, tokenizer, inputs) -> outputs`` (default: a ``UserError``)
 - ``export(model, tokenizer, out_dir)`` (default: a ``UserError``)
+- ``tools()``: interactive modes beyond the four (``--mode=rate`` / ``rank`` of PPO's human
+  feedback), by name (default: none)
 - ``run(workdir)``: ``--mode=train``. The default trains once (``lib.train.train``), or runs
   the sweep that ``config.sweep.runs`` declares (``lib.sweep``); a task with its own loop
   overrides it.
@@ -31,6 +33,7 @@ rules plus the task's own.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -154,3 +157,8 @@ class Task:
     def export(self, model, tokenizer, out_dir: str) -> None:
         """Write the model to ``out_dir`` in a format other tools load."""
         raise UserError(f"task {self.name} cannot export")
+
+    def tools(self) -> dict[str, Callable[[Path], None]]:
+        """The task's interactive modes (``--mode=NAME`` -> a function of the workdir), e.g.
+        the human-feedback tools of ``tasks.ppo`` (default: none)."""
+        return {}

@@ -2,7 +2,9 @@
 
 Data: a JSON array or a JSONL file (``.jsonl``) of ``{"prompt", "answer"}`` records, or of
 alpaca records ``{"instruction", "input", "output"}`` (``input`` may be missing or empty),
-which become ``prompt = ALPACA_TEMPLATE.format(instruction, input)`` and ``answer = output``.
+which become ``prompt = ALPACA_TEMPLATE.format(instruction, input)`` and ``answer = output``;
+or a ``.tsv`` of ``label \t text`` lines, each text a plain language-model example (no prompt;
+with ``data.loss_mode="unmasked"`` this is pretraining on the texts).
 Examples and the loss come from ``lib.lm_data``: prompt + answer + EOS, the loss on the
 answer and EOS (``loss_mode="masked"``) or on the whole sequence (``"unmasked"``), padding
 never counted.
@@ -30,7 +32,7 @@ import numpy as np
 
 from lib import config as config_lib
 from lib import hf, lm_data
-from lib.data import ArrayDataset, json_object_or_none, read_json, read_jsonl
+from lib.data import ArrayDataset, json_object_or_none, read_json, read_jsonl, read_tsv
 from lib.errors import UserError
 from tasks import base
 
@@ -64,7 +66,11 @@ def read_records(path: str, key: str) -> list[dict]:
 
 
 def read_pairs(path: str, key: str, template: str = ALPACA_TEMPLATE) -> list[tuple[str, str]]:
-    """``(prompt, answer)`` texts of a data file (alpaca records through ``template``)."""
+    """``(prompt, answer)`` texts of a data file (alpaca records through ``template``). A
+    ``.tsv`` file of ``label \t text`` lines (the classification format) gives plain
+    language-model examples: an empty prompt and the text as the answer."""
+    if str(path).endswith(".tsv"):
+        return [("", r["text"]) for r in read_tsv(path, ("label", "text"), key=key)]
     out = []
     for r in read_records(path, key):
         if "instruction" in r:
