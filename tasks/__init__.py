@@ -7,7 +7,8 @@ import importlib
 
 from lib.errors import UserError
 
-TASKS = ("classification", "sft", "loopcot", "matching", "reward_model")
+TASKS = ("classification", "sft", "loopcot", "matching", "reward_model", "pet", "p_tuning", "ppo",
+         "uie", "simcse", "summarization", "t5_qa", "t5_filling")
 
 
 def task_class(name: str) -> type:
