@@ -24,8 +24,8 @@ step's mean reward rises from 0.59 (epoch 1) to 0.78 (epoch 60, 0.79 on average 
 10) with the KL to the reference at 3.5 and beta down from 0.200 to 0.172; on the same 256
 prompts and sampling key the reference policy scores 0.555 and the trained one 0.798 (it learned
 short positive continuations: 这部电影很|好, 说实话，真的很|不错的; mean response 4.3 tokens
-against 14 at the start). 4m10s of CPU (user + sys) for the three stages; 12m48s of wall
-time on a machine that was running other jobs (load 14).
+against 14 at the start). The three stages take 4m24s of wall time from a fresh compilation
+cache (4m36s of CPU); a rerun prints the same numbers.
 
 The human-feedback tools work on a run's latest policy: ``--mode=rate`` (type a reward for
 each sample, ``q`` or Ctrl-C saves and quits) and ``--mode=rank`` (order 4 samples per prompt;
