@@ -127,6 +127,18 @@ def test_classifier_reward_is_the_label_probability(dirs):
         ClassifierReward(str(dirs / "reward"), "positive", 32)
 
 
+def test_a_reward_model_scores_with_its_logit(tmp_path):
+    """A one-label reward model (configs/reward_model.py's export) gives its raw score."""
+    _export_scratch("bert", "reward", tmp_path / "rm", num_labels=1)
+    reward = ClassifierReward(str(tmp_path / "rm"), "ignored", 32)
+    scores = reward(["质量", "物流"], ["很好", "太差了"])
+    enc = reward.tokenizer(["质量很好", "物流太差了"], max_length=32, truncation=True,
+                           padding="max_length", return_tensors="np")
+    logits = np.asarray(reward.model(enc["input_ids"], enc["attention_mask"]))
+    assert logits.shape == (2, 1)
+    np.testing.assert_allclose(scores, logits[:, 0], atol=1e-6)
+
+
 def _main(args, **kw):
     return subprocess.run([sys.executable, str(ROOT / "main.py"), "--config=configs/ppo.py",
                            *args], cwd=ROOT, capture_output=True, text=True, timeout=600, **kw)
