@@ -31,7 +31,7 @@ with other trainings, load 10-18; 2-4.5 minutes on 2 idle cores).
 
 import ml_collections
 
-from configs.summarization import seq2seq_config
+from configs.summarization import seq2seq_config, uer_t5_settings
 
 SCRATCH = ("demo",)
 PRETRAINED = {"uer-t5-small": "uer/t5-small-chinese-cluecorpussmall"}
@@ -52,20 +52,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.max_target_length = 80
     c.eval.max_new_tokens = 80
     c.eval.best_metric = "rouge-l"
-    c.eval.best_mode = "max"
-    c.train.steps = 600
-    c.train.batch_size = 16
-    c.train.lr = 2e-3
-    c.train.warmup_ratio = 0.05
-    c.eval.count = 3
-    c.log.every = 50
-    c.model.min_char_freq = 2
     if variant in PRETRAINED:
-        c.data.max_source_length = 256
-        c.train.lr = 5e-5
-        c.train.steps = 0
-        c.train.epochs = 20
-        c.train.warmup_ratio = 0.0
-        c.eval.count = 20
-        c.eval.batch_size = 16
+        uer_t5_settings(c)
     return c
