@@ -28,31 +28,13 @@ from typing import Any
 import numpy as np
 
 from lib import ppo
+from lib import train as train_lib
 
 QUIT = ("q", "quit", "exit")
 # Ratings a person may give.
 LOW, HIGH = -2.0, 2.0
 
 Ask = Callable[[str], str]
-
-
-class _DeferInterrupt:
-    """Ctrl-C while a step runs is acted on once the step is done (never half a step)."""
-
-    def __enter__(self):
-        self.interrupted = False
-        try:
-            self._previous = signal.signal(signal.SIGINT, self._handle)
-        except ValueError:  # not the main thread
-            self._previous = None
-        return self
-
-    def _handle(self, signum, frame):
-        self.interrupted = True
-
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
 
 
 def append_line(path: Path, line: str) -> None:
@@ -170,11 +152,12 @@ def rate(trainer: ppo.Trainer, prompts: Sequence[str], ratings: Path, save: Call
                       "attention_mask": sample["attention_mask"][0].tolist()}
             append_line(ratings, json.dumps(record, ensure_ascii=False) + "\n")
             made += 1
-            with _DeferInterrupt() as deferred:
+            # Ctrl-C during the step is acted on once it is done (never half a step).
+            with train_lib.Preemption(signal.SIGINT) as deferred:
                 stats = trainer.step(_batch(record), rng)
             print(f"PPO step {trainer.step_no}: policy loss {stats['policy_loss']:.4f}, "
                   f"kl {stats['kl']:.4f}", flush=True)
-            if deferred.interrupted:
+            if deferred.requested:
                 break
     except KeyboardInterrupt:
         print("", flush=True)

@@ -289,15 +289,17 @@ def checkpoints(config, workdir: str | os.PathLike) -> Checkpoints:
 
 
 class Preemption:
-    """Turns SIGTERM into a flag checked after each step (save, then exit cleanly)."""
+    """Turns a signal (SIGTERM by default) into a flag, ``requested``, checked after each step
+    (save, then exit cleanly); the previous handler is back on exit."""
 
-    def __init__(self):
+    def __init__(self, signum: int = signal.SIGTERM):
+        self.signum = signum
         self.requested = False
         self._previous = None
 
     def __enter__(self):
         try:
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
+            self._previous = signal.signal(self.signum, self._handle)
         except ValueError:  # not the main thread
             self._previous = None
         return self
@@ -307,7 +309,7 @@ class Preemption:
 
     def __exit__(self, *exc):
         if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+            signal.signal(self.signum, self._previous)
 
 
 def _tokens(batch: dict[str, np.ndarray]) -> int:
