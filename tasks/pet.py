@@ -33,7 +33,7 @@ from lib import verbalizer as verbalizer_lib
 from lib.data import ArrayDataset, pad_and_stack, read_tsv
 from lib.errors import UserError
 from tasks import base
-from tasks.classification import read_labels
+from tasks.classification import EvalSet, read_labels
 
 MASK, TEXT = "{MASK}", "{textA}"
 _PLACEHOLDER = re.compile(r"(\{MASK\}|\{textA\})")
@@ -59,14 +59,6 @@ def read_examples(path: str, labels: list[str], key: str) -> list[dict]:
         return None
 
     return read_tsv(path, ["label", "text"], key=key, check=check)
-
-
-class EvalSet:
-    """A split as arrays (label indices in ``labels``) and its texts (for samples)."""
-
-    def __init__(self, data: ArrayDataset, texts: list[str]):
-        self.data = data
-        self.texts = texts
 
 
 class Task(base.Task):
