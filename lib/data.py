@@ -325,6 +325,20 @@ class ArrayDataset:
         """How many batches `eval_batches` yields."""
         return self.steps_per_epoch(batch_size)
 
+    def map_eval(self, fn: Callable[[dict[str, np.ndarray]], Any], batch_size: int) -> Any:
+        """``fn(batch)`` (typically a jitted model) over every example in the fixed-size
+        batches of ``eval_batches``, the padding rows dropped: its output, an array or a tuple
+        of arrays with one row per example, concatenated in example order."""
+        outs = []
+        for batch in self.eval_batches(batch_size):
+            valid = batch.pop(self.VALID)
+            out = fn(batch)
+            outs.append(tuple(np.asarray(o)[valid] for o in out) if isinstance(out, tuple)
+                        else np.asarray(out)[valid])
+        if outs and isinstance(outs[0], tuple):
+            return tuple(np.concatenate(parts) for parts in zip(*outs))
+        return np.concatenate(outs)
+
     def eval_batches(self, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
         """All examples in order, in batches of exactly `batch_size` rows.
 

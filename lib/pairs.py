@@ -93,12 +93,8 @@ def run_batched(forward: Callable, model, arrays: dict[str, np.ndarray],
                 batch_size: int) -> np.ndarray:
     """``forward(model, batch)`` (jitted) over every row of ``arrays`` in fixed-size eval
     batches, the padding rows dropped: one output row per input row (``labels`` not needed)."""
-    out = []
     data = ArrayDataset({k: v for k, v in arrays.items() if k != "labels"}, name="pairs")
-    for batch in data.eval_batches(batch_size):
-        valid = batch.pop(ArrayDataset.VALID)
-        out.append(np.asarray(forward(model, batch))[valid])
-    return np.concatenate(out)
+    return data.map_eval(lambda batch: forward(model, batch), batch_size)
 
 
 def match_report(gold: np.ndarray, pred: np.ndarray,

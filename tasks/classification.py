@@ -172,12 +172,9 @@ class Task(base.Task):
 
     def _predict_batches(self, model, data: ArrayDataset):
         forward = nnx.jit(lambda m, b: jax.nn.softmax(self.logits(m, b).astype(jnp.float32)))
-        probs = []
-        for batch in data.eval_batches(self.eval_batch_size):
-            valid = batch.pop(ArrayDataset.VALID)
-            batch.pop("labels", None)
-            probs.append(np.asarray(forward(model, batch))[valid])
-        return np.concatenate(probs)
+        return data.map_eval(
+            lambda b: forward(model, {k: v for k, v in b.items() if k != "labels"}),
+            self.eval_batch_size)
 
     def evaluate(self, model, eval_data: EvalSet, repeat: int = 0):
         """Metrics on ``eval_data`` and a few sample predictions (deterministic: ``repeat``

@@ -186,11 +186,7 @@ class Task(base.Task):
         """Argmax token ids at the slots of every row of ``arrays``, ``[n, L]``."""
         forward = nnx.jit(lambda m, b: jnp.argmax(self.slot_logits(m, b), -1))
         data = ArrayDataset({k: v for k, v in arrays.items() if k != "labels"}, name="prompts")
-        out = []
-        for batch in data.eval_batches(self.eval_batch_size):
-            valid = batch.pop(ArrayDataset.VALID)
-            out.append(np.asarray(forward(model, batch))[valid])
-        return np.concatenate(out)
+        return data.map_eval(lambda b: forward(model, b), self.eval_batch_size)
 
     def evaluate(self, model, eval_data: EvalSet, repeat: int = 0):
         """Accuracy, weighted P/R/F1, macro F1 and per-class F1, printing the per-class

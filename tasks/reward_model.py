@@ -111,11 +111,7 @@ class Task(base.Task):
 
     def _score_batches(self, model, data: ArrayDataset) -> np.ndarray:
         forward = nnx.jit(lambda m, b: self.scores(m, b))
-        out = []
-        for batch in data.eval_batches(self.eval_batch_size):
-            valid = batch.pop(ArrayDataset.VALID)
-            out.append(np.asarray(forward(model, batch))[valid])
-        return np.concatenate(out)
+        return data.map_eval(lambda b: forward(model, b), self.eval_batch_size)
 
     def evaluate(self, model, eval_data: EvalSet, repeat: int = 0):
         """Ranking and pairwise accuracy and the mean loss on ``eval_data``; prints

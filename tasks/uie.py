@@ -215,13 +215,7 @@ class Task(base.Task):
         forward = nnx.jit(forward)
         keys = ("input_ids", "token_type_ids", "attention_mask")
         data = ArrayDataset({k: arrays[k] for k in keys}, name="windows")
-        starts, ends = [], []
-        for batch in data.eval_batches(self.eval_batch_size):
-            valid = batch.pop(ArrayDataset.VALID)
-            s, e = forward(model, batch)
-            starts.append(np.asarray(s)[valid])
-            ends.append(np.asarray(e)[valid])
-        return np.concatenate(starts), np.concatenate(ends)
+        return data.map_eval(lambda b: tuple(forward(model, b)), self.eval_batch_size)
 
     def extract(self, model, windows, owner, arrays, n_records: int) -> list[list[tuple]]:
         """The merged spans ``(start, end, probability)`` of each record."""

@@ -218,6 +218,22 @@ def test_eval_batches_pad_the_last_batch_with_a_valid_mask():
     assert batches[0]["_valid"].dtype == bool and batches[0]["_valid"].all()
 
 
+def test_map_eval_keeps_one_output_row_per_example():
+    ds = _dataset(10)
+    sizes = []
+
+    def fn(batch):
+        sizes.append(len(batch["x"]))
+        assert "_valid" not in batch
+        return batch["x"] * 10, np.stack([batch["x"], -batch["x"]], axis=1)
+
+    tens, pairs = ds.map_eval(fn, 4)
+    assert sizes == [4, 4, 4]  # fixed shapes: the last batch is padded, its padding dropped
+    np.testing.assert_array_equal(tens, np.arange(10) * 10)
+    np.testing.assert_array_equal(pairs, np.stack([np.arange(10), -np.arange(10)], axis=1))
+    np.testing.assert_array_equal(ds.map_eval(lambda b: b["x"] + 1, 3), np.arange(1, 11))
+
+
 def test_array_dataset_rejects_bad_input():
     with pytest.raises(ValueError, match="arrays differ in length"):
         ArrayDataset({"a": np.zeros(3), "b": np.zeros(4)})
