@@ -18,7 +18,7 @@ Run the demo:
 
 It prints ``global step 100, epoch: 1, loss: 0.52, speed: 2.5 step/s``, at each evaluation
 ``eval at step 300: accuracy=..., precision=..., recall=..., f1=...`` and
-``best f1 performance updated: A --> B``; after training the best checkpoint is scored on
+``best F1 performance updated: A --> B``; after training the best checkpoint is scored on
 ``data/matching/test.tsv``. Predict (``--mode=predict``): pointwise reads ``query<TAB>doc``
 lines and prints the two logits; the towers read one text per line and rank
 ``predict.candidates`` (``Used Xs.`` on stderr, then the ranking / the matches).

@@ -10,7 +10,7 @@ Run the demo:
   python main.py --config=configs/p_tuning.py --workdir=workdirs/p_tuning
 
 It prints what PET's demo prints (``Each Class Metrics are: {...}``,
-``best f1 performance updated: A --> B``, the test score of the best checkpoint), and
+``best F1 performance updated: A --> B``, the test score of the best checkpoint), and
 ``--mode=predict`` gives ``{"text": ..., "label": ..., "word": ...}`` per line.
 
 Measured on a 2-core CPU machine (weighted F1; majority class: accuracy 0.500, weighted F1

@@ -19,7 +19,7 @@ Run the demo:
 It prints ``global step 120, epoch: 30, loss: 0.22626, speed: 5.13 step/s``, at each evaluation
 ``Each Class Metrics are: {"正面": {"precision": ..., "recall": ..., "f1": ...}, "负面": ...}``,
 ``eval at step 60: accuracy=..., precision=..., recall=..., f1=...`` and
-``best f1 performance updated: A --> B``; after training the best checkpoint is scored on
+``best F1 performance updated: A --> B``; after training the best checkpoint is scored on
 ``data/pet/test.tsv``. ``--mode=predict`` reads one text per line and prints
 ``{"text": ..., "label": "正面", "word": "正面"}`` (``word``: what the model wrote in the slots).
 

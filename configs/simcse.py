@@ -17,7 +17,7 @@ Run the demo:
 
 It prints ``global step 100, epoch: 1, loss: 1.23, speed: 3.1 step/s``, at each evaluation
 ``eval at step 300: accuracy=..., precision=..., recall=..., f1=..., spearman=...`` and
-``best f1 performance updated: A --> B``; after training the best checkpoint is scored
+``best F1 performance updated: A --> B``; after training the best checkpoint is scored
 on ``data/matching/test.tsv``. Predict (``--mode=predict``) reads ``text1<TAB>text2`` lines
 (their cosine) or single texts (``predict.candidates`` ranked by cosine, ``Used Xs.`` on
 stderr).

@@ -21,7 +21,7 @@ Run the demo:
 
 It prints how many texts were cut to 256 tokens, ``global step 100, epoch: 0.7, loss: ...``,
 at each evaluation ``eval at step N: loss=..., rouge-1=..., rouge-2=..., rouge-l=...`` and
-``best rouge-l performance updated: A --> B``; the best checkpoint is scored on
+``best ROUGE-L performance updated: A --> B``; the best checkpoint is scored on
 ``data/summarization/test.jsonl`` at the end. Samples (text, reference, output) are in
 ``workdirs/summarization/eval/step_N.json``.
 

@@ -13,7 +13,7 @@ Run the demo:
 
 It prints ``global step 100, epoch: 1, loss: 0.05046, speed: 3.35 step/s``, at each evaluation
 ``eval at step 1200: precision=0.6306, recall=0.3838, f1=0.4772, f1/人物=0.3922, ...`` and
-``best f1 performance updated: 0.4399 --> 0.4772``; after training the best checkpoint is
+``best F1 performance updated: 0.4399 --> 0.4772``; after training the best checkpoint is
 scored on ``data/uie/test.jsonl``. Predict (``--mode=predict``, one text per line) prints
 the originals' ``[+] NER Results: {'人物': [...], ...}`` and ``[+] Information-Extraction
 Results: {subject: {predicate: [...]}}`` on stderr and one JSON object per text on stdout.

@@ -14,6 +14,7 @@ import functools
 import json
 import math
 import os
+import re
 import signal
 import time
 from collections.abc import Callable
@@ -31,6 +32,16 @@ from lib import sharding
 from lib.checkpoint import Checkpoints
 from lib.errors import Preempted, UserError
 from lib.monitor import Monitor
+
+# Metric-name words printed as acronyms ("best F1 performance updated", "ROUGE-L").
+_ACRONYMS = ("f1", "rouge", "bleu", "l")
+
+
+def metric_title(name: str) -> str:
+    """``name`` as the console prints it: ``f1`` -> ``F1``, ``weighted_f1`` -> ``weighted_F1``,
+    ``rouge-l`` -> ``ROUGE-L``, ``bleu-4`` -> ``BLEU-4``; other words unchanged."""
+    return re.sub(r"[a-z0-9]+", lambda m: m[0].upper() if m[0] in _ACRONYMS else m[0], name)
+
 
 # ----------------------------------------------------------------------------- optimizer
 
@@ -408,7 +419,8 @@ def train(config, workdir: str | os.PathLike, task) -> dict[str, float]:
                                                           else value < best_value)):
             shown = "-" if best_value is None else f"{best_value:.4f}"
             if jax.process_index() == 0:
-                print(f"best {best_name} performance updated: {shown} --> {value:.4f}",
+                print(f"best {metric_title(best_name)} performance updated: {shown} --> "
+                      f"{value:.4f}",
                       flush=True)
             best_value = value
         return metrics

@@ -27,7 +27,7 @@ from build_demo_data import SEED, dedup_key  # noqa: E402
 from peoples_daily import SENTENCE_END, articles, is_headline, plain, strip_dateline  # noqa: E402
 
 # Articles (not pairs) per split; each article gives one positive and one negative pair.
-SPLITS = {"train": 1800, "dev": 300, "test": 300}
+SPLITS = {"train": 1750, "dev": 300, "test": 300}
 SENTENCE_CHARS = (10, 80)
 # One sentence: up to a run of sentence ends and the closing quotes or brackets after them.
 SENTENCE = re.compile(f"[^{SENTENCE_END}]*[{SENTENCE_END}]+[”’」』）]*")
@@ -37,23 +37,23 @@ SIMCSE_SENTENCES = 4
 
 def first_sentences(lines: list[str]) -> list[tuple[str, str]]:
     """``(headline, first sentence)`` of each article: the article's first body line holding a
-    sentence end gives the first sentence, the dateline removed. An article without such a
-    line passes its headline on to the next article (the rule the shipped files were built
-    with)."""
+    sentence end gives the first sentence, the dateline removed. An article that follows one
+    without such a line gives no pair: which of the two headline lines heads the sentence is
+    not known (a picture's title before an article, a headline before its byline
+    ``本报记者王政``), so the pair's label would not be true by construction."""
     out = []
-    carried = None
+    after_bodyless = False
     for article in articles(lines):
-        headline = carried or article.headline
-        carried = headline
+        follows_bodyless, after_bodyless = after_bodyless, True
         for line in article.body:
             body = strip_dateline(plain(line))
             match = re.search(f"[{SENTENCE_END}]", body)
             if match:
                 sentence = body[: match.end()]
                 low, high = SENTENCE_CHARS
-                if low <= len(sentence) <= high:
-                    out.append((headline, sentence))
-                carried = None
+                if low <= len(sentence) <= high and not follows_bodyless:
+                    out.append((article.headline, sentence))
+                after_bodyless = False
                 break
     return out
 

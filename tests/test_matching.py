@@ -105,7 +105,7 @@ def test_train_and_predict(data_dir, tmp_path, variant, capsys):
     assert {"accuracy", "precision", "recall", "f1"} <= set(metrics)
     out = capsys.readouterr().out
     assert "global step 2, epoch: 1, loss: " in out and " step/s" in out
-    assert "best f1 performance updated: - --> " in out
+    assert "best F1 performance updated: - --> " in out
     assert (tmp_path / "plots" / "curves.png").is_file()
     assert sorted(train.read_evals(tmp_path)) == [4]
 

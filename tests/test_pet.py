@@ -187,7 +187,7 @@ def test_train_eval_predict_export(data_dir, tmp_path, name, capsys):
     assert metrics["accuracy"] == metrics["f1"] == metrics["f1/正面"] == metrics["f1/负面"] == 1.0
     out = capsys.readouterr().out
     assert "global step 10, epoch: 5, loss: " in out and " step/s" in out
-    assert "best f1 performance updated: - --> " in out
+    assert "best F1 performance updated: - --> " in out
     prefix = "Each Class Metrics are: "
     per_class = json.loads([line for line in out.splitlines()
                             if line.startswith(prefix)][-1][len(prefix):])

@@ -177,7 +177,7 @@ def test_train_eval_and_metrics_recomputed(trained):
     config, workdir, metrics, (_, model, tok) = trained
     assert config.loss.word_repetition == 0.32
     assert "global step 2, epoch: 1, loss: " in metrics["log"] and " step/s" in metrics["log"]
-    assert "best f1 performance updated: - --> " in metrics["log"]
+    assert "best F1 performance updated: - --> " in metrics["log"]
     assert sorted(train.read_evals(workdir)) == [4]
     assert (workdir / "plots" / "curves.png").is_file()
     eval_set = pairs.read_pair_set(config.data.eval, "data.eval", tok, 32, towers=True)

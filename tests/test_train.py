@@ -151,6 +151,12 @@ def test_schedule_warmup_then_linear_decay():
         train.make_schedule(tcfg(schedule="step"), 10)
 
 
+def test_metric_titles_print_acronyms_in_capitals():
+    names = ["f1", "weighted_f1", "rouge-l", "rouge-1", "bleu-4", "loss", "ranking_accuracy"]
+    assert [train.metric_title(n) for n in names] == [
+        "F1", "weighted_F1", "ROUGE-L", "ROUGE-1", "BLEU-4", "loss", "ranking_accuracy"]
+
+
 def test_decay_mask_skips_bias_and_norm_scales():
     _, params, _ = train.split_model(tiny_model())
     mask = train.decay_mask(nnx.to_pure_dict(params))

@@ -304,7 +304,7 @@ def test_train_eval_predict_export(data_dir, tmp_path, capsys):
     metrics = train.train(config, tmp_path, Task.create(config))
     out = capsys.readouterr().out
     assert "global step 20, epoch: " in out and " step/s" in out
-    assert "best f1 performance updated: - --> " in out
+    assert "best F1 performance updated: - --> " in out
     evals = train.read_evals(tmp_path)
     assert sorted(evals) == [30, 60]
     print("dev metrics", evals)
