@@ -119,7 +119,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # 50 is HF generate's default, which the original's sampling (ChatGLM2 chat with
     # top_p/temperature only) inherited; it also spares a full vocabulary sort per token.
     c.eval.top_k = 50
-    # Seed of the sampling keys (repeat r, part p use fold_in(fold_in(key(seed), r), p)).
+    # Seed of the sampling keys: an evaluation during training samples part p with
+    # fold_in(fold_in(key(seed), 0), p); the sweep's N evaluations of a checkpoint sample N
+    # answers per prompt from one prefill with fold_in(fold_in(key(seed), N), p).
     c.eval.seed = 0
     # Decoded outputs per part written with each evaluation.
     c.eval.num_samples = 3

@@ -235,18 +235,26 @@ def generate_answers(
     top_p: float = 1.0,
     top_k: int = 0,
     extra_stops: Sequence[int] = (),
+    num_return_sequences: int = 1,
 ) -> list[str]:
     """Decode an answer for every prompt, in fixed-shape batches (one compilation).
 
     An answer ends at the tokenizer's EOS or at an ``extra_stops`` id. The last batch is
     filled up with copies of the last prompt (their outputs are dropped). Batch ``i`` samples
     with ``fold_in(rng, i)``, so a given ``rng`` gives the same texts.
+
+    ``num_return_sequences = k > 1`` samples ``k`` answers per prompt from one prefill
+    (``lib.generate``) and returns them prompt by prompt (``k`` answers of the first prompt,
+    then of the second, ...); a batch then holds ``max(1, batch_size // k)`` prompts, so that
+    it decodes about ``batch_size`` sequences at once.
     """
     if not prompts:
         return []
     ids, mask = prompt_arrays(
         tokenizer, prompts, max_prompt_length=max_prompt_length, prompt_tail=prompt_tail
     )
+    k = int(num_return_sequences)
+    batch_size = max(1, batch_size // k)
     n = len(prompts)
     total = -(-n // batch_size) * batch_size
     fill = np.minimum(np.arange(total), n - 1)
@@ -260,9 +268,10 @@ def generate_answers(
             model, ids[rows], mask[rows], max_new_tokens=max_new_tokens,
             rng=jax.random.fold_in(rng, i), do_sample=do_sample, temperature=temperature,
             top_p=top_p, top_k=top_k, eos_token_id=stops, pad_token_id=pad_id(tokenizer),
+            num_return_sequences=k,
         )
         out.extend(decode_answer(tokenizer, row, extra_stops) for row in tokens)
-    return out[:n]
+    return out[: n * k]
 
 
 # ----------------------------------------------------------------------------- loss

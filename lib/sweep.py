@@ -12,8 +12,8 @@ A config declares the runs as config overrides, ``config.sweep.runs = {name: ove
    ``<part>/<metric>`` (LoopCoT's test parts) has one per part, the bare metric names form the
    part ``all``. The selection metric is ``sweep.select_metric`` (empty: ``eval.best_metric``),
    per part, better as ``eval.best_mode`` says;
-4. evaluates each selected checkpoint ``sweep.repeats`` times, ``Task.evaluate(..., repeat=r)``
-   (a task that samples folds ``r`` into its keys; a deterministic one gives std 0), and writes
+4. evaluates each selected checkpoint ``sweep.repeats`` times, ``Task.evaluate_repeats``
+   (a task that samples draws other keys for each; a deterministic one gives std 0), and writes
    ``<run>/mean_of_<N>_<part>.json``: every repeat's ``sweep.metrics``, their mean and
    population std;
 5. draws ``plots/<part>_result.png`` (each metric vs step, one line per run, from the untrained
@@ -131,13 +131,12 @@ def _committed(model: nnx.Module) -> nnx.Module:
 
 
 def _repeat(task, model, eval_data, repeats: int, label: str) -> tuple[list[dict], list]:
-    """``repeats`` evaluations with repeat numbers 0..repeats-1: ``(metrics of each, samples
-    of the first)``, printing progress."""
+    """``repeats`` evaluations (``Task.evaluate_repeats``): ``(metrics of each, samples of the
+    first)``, printing progress."""
     select = task.config.sweep.select_metric or task.config.eval.best_metric
     values, first_samples = [], []
     t0 = time.perf_counter()
-    for r in range(repeats):
-        metrics, samples = task.evaluate(model, eval_data, repeat=r)
+    for r, (metrics, samples) in enumerate(task.evaluate_repeats(model, eval_data, repeats)):
         metrics = {k: float(v) for k, v in metrics.items()}
         values.append(metrics)
         first_samples = first_samples or samples

@@ -18,6 +18,9 @@ declared here; the optional ones have a default, so callers never probe a task:
 - ``loss(model, batch, rng) -> (loss, aux)``, inside the jitted train step
 - ``evaluate(model, eval_data, repeat=0) -> (metrics, samples)``; ``repeat`` numbers repeated
   evaluations (tasks that sample fold it into their key)
+- ``evaluate_repeats(model, eval_data, repeats)``: the sweep's ``repeats`` evaluations, yielded
+  one by one (default: ``evaluate`` with repeat 0, 1, ...; LoopCoT decodes every repeat's
+  samples of a prompt from one prefill)
 - ``predict(model, tokenizer, inputs) -> outputs`` (default: a ``UserError``)
 - ``export(model, tokenizer, out_dir)`` (default: a ``UserError``)
 - ``tools()``: interactive modes beyond the four (``--mode=rate`` / ``rank`` of PPO's human
@@ -33,7 +36,7 @@ rules plus the task's own.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -134,6 +137,12 @@ class Task:
     def evaluate(self, model, eval_data, repeat: int = 0) -> tuple[dict[str, float], list]:
         """``(metrics, samples)`` of ``model`` on ``eval_data``."""
         raise NotImplementedError
+
+    def evaluate_repeats(self, model, eval_data, repeats: int) -> Iterator[tuple[dict, list]]:
+        """``repeats`` evaluations ``(metrics, samples)``, yielded one by one (the sweep's mean
+        of N): ``evaluate`` with repeat numbers ``0 .. repeats - 1``."""
+        for r in range(repeats):
+            yield self.evaluate(model, eval_data, repeat=r)
 
     def run(self, workdir: str | Path) -> dict[str, float]:
         """``--mode=train``: the sweep of ``config.sweep.runs`` if it names runs, else one

@@ -19,6 +19,7 @@ behaviour back (inference prompts wrapped) for comparison with the reported numb
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import jax
@@ -108,25 +109,50 @@ class Task(sft.Task):
             max_new_tokens=self.max_new_tokens(part), **self.decode_settings(),
         )
 
-    def score_part(self, model, eval_data: LoopEval, part: str, repeat: int = 0):
-        """``({metric: value}, outputs)`` of one decoding pass over a part."""
-        outputs = self.decode_part(model, eval_data, part, repeat)
+    def scores(self, eval_data: LoopEval, part: str, outputs: list[str]) -> dict[str, float]:
+        """ROUGE-1/2/L and BLEU-4 (x100) of a part's ``outputs``."""
         refs = eval_data.references[part]
         scores = metrics_lib.rouge_zh(outputs, refs)
         scores["bleu-4"] = metrics_lib.bleu4_chars(outputs, refs)
-        return scores, outputs
+        return scores
 
     def evaluate(self, model, eval_data: LoopEval, repeat: int = 0):
         """ROUGE-1/2/L and BLEU-4 (x100) of every test part as ``part/metric``, and
         ``rouge-1``: their mean over parts (what picks the trainer's best checkpoint).
         ``repeat`` selects the sampling keys."""
+        outputs = {p: self.decode_part(model, eval_data, p, repeat) for p in eval_data.parts}
+        return self.report(eval_data, outputs)
+
+    def evaluate_repeats(self, model, eval_data: LoopEval, repeats: int):
+        """The sweep's ``repeats`` evaluations from one decoding pass per part: every prompt is
+        prefilled once and sampled ``repeats`` times (``num_return_sequences``), with the key
+        ``fold_in(fold_in(key(eval.seed), repeats), part)``; evaluation ``r`` scores each
+        prompt's ``r``-th answer."""
+        outputs = {}
+        for part in eval_data.parts:
+            t0 = time.perf_counter()
+            key = jax.random.fold_in(jax.random.key(int(self.config.eval.seed)), repeats)
+            key = jax.random.fold_in(key, PARTS.index(part))
+            outputs[part] = lm_data.generate_answers(
+                model, eval_data.tokenizer, eval_data.prompts[part], rng=key,
+                max_new_tokens=self.max_new_tokens(part), num_return_sequences=repeats,
+                **self.decode_settings(),
+            )
+            print(f"    {part}: {repeats} answers to each of {len(eval_data.prompts[part])} "
+                  f"prompts ({time.perf_counter() - t0:.0f}s)", flush=True)
+        for r in range(repeats):
+            yield self.report(eval_data, {p: texts[r::repeats] for p, texts in outputs.items()})
+
+    def report(self, eval_data: LoopEval, outputs: dict[str, list[str]]):
+        """``(metrics, samples)`` of every part's outputs: ``part/metric`` scores, ``rouge-1``
+        (their mean over parts) and the first ``eval.num_samples`` outputs of each part."""
         out: dict[str, float] = {}
         samples = []
         for part in eval_data.parts:
-            scores, outputs = self.score_part(model, eval_data, part, repeat)
-            out.update({f"{part}/{m}": v for m, v in scores.items()})
+            out.update({f"{part}/{m}": v for m, v in self.scores(eval_data, part,
+                                                                 outputs[part]).items()})
             for prompt, ref, output in list(
-                zip(eval_data.prompts[part], eval_data.references[part], outputs)
+                zip(eval_data.prompts[part], eval_data.references[part], outputs[part])
             )[: int(self.config.eval.num_samples)]:
                 samples.append({"part": part, "prompt": prompt, "reference": ref,
                                 "output": output})

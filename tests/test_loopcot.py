@@ -177,3 +177,37 @@ def test_micro_experiment_end_to_end(config, tmp_path):
     outs = task.predict(model, vocab, lines)
     assert [o["part"] for o in outs] == ["generation", "appreciation", "generation"]
     assert task.predict(model, vocab, lines) == outs
+
+
+def test_repeats_sample_every_prompt_from_one_prefill(config):
+    """The sweep's N evaluations decode each prompt once with N samples: evaluation r scores
+    the r-th answer of every prompt, which equals decoding each prompt N times in a row."""
+    import jax
+
+    from lib import lm_data
+
+    c = config
+    c.model.hidden_size, c.model.num_hidden_layers, c.model.intermediate_size = 32, 1, 64
+    c.model.num_attention_heads, c.model.num_key_value_heads = 2, 1
+    c.data.max_length, c.data.max_prompt_length, c.data.prompt_tail = 64, 40, 8
+    c.eval.batch_size = 7  # 2 prompts (6 sequences) per batch with 3 samples each
+    c.eval.max_new_tokens.generation = c.eval.max_new_tokens.appreciation = 6
+    task = tasks.create(c)
+    model, tokenizer = task.build()
+    eval_data = task.datasets(tokenizer)[1]
+    got = list(task.evaluate_repeats(model, eval_data, 3))
+    assert len(got) == 3
+    outputs = {}
+    for part in eval_data.parts:
+        key = jax.random.fold_in(jax.random.key(int(c.eval.seed)), 3)
+        settings = {**task.decode_settings(), "batch_size": 6}
+        outputs[part] = lm_data.generate_answers(
+            model, tokenizer, [p for p in eval_data.prompts[part] for _ in range(3)],
+            rng=jax.random.fold_in(key, poetry.PARTS.index(part)),
+            max_new_tokens=6, **settings)
+    for r, (metrics, samples) in enumerate(got):
+        want = task.report(eval_data, {p: t[r::3] for p, t in outputs.items()})
+        assert metrics == want[0] and samples == want[1]
+    # Three different samples of a prompt (sampling, not one answer scored three times).
+    first = outputs["generation"][:3]
+    assert len(set(first)) == 3, first
