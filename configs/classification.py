@@ -53,6 +53,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = config_lib.base("classification", variant)
     c.model.hub_id = PRETRAINED.get(variant, "")
     c.model.family = "bert"
+    # LoRA (--config.model.lora.rank > 0) adapts BERT's attention query/value layers.
+    c.model.lora.targets = ("query", "value")
     # Classifier input: "cls" (the [CLS] state, as HF; needed for --mode=export) or "mean"
     # (mean of the last layer over real tokens).
     c.model.pooling = "cls" if variant in PRETRAINED else "mean"

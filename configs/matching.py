@@ -23,23 +23,24 @@ It prints ``global step 100, epoch: 1, loss: 0.52, speed: 2.5 step/s``, at each 
 lines and prints the two logits; the towers read one text per line and rank
 ``predict.candidates`` (``Used Xs.`` on stderr, then the ranking / the matches).
 
-Measured on a 2-core CPU machine shared with other trainings (macro F1 of the best checkpoint
-by dev F1; wall time of the whole run, 1200 steps):
+Measured on a 2-core AMD EPYC machine shared with other work (load 5-7 while these ran:
+wall times are upper bounds; CPU = user + system seconds), macro F1 of the best checkpoint by
+dev F1, 1200 steps of 32:
 
-  variant                dev F1 (step)    test F1   wall
-  pointwise              0.500 (600)      0.500     5m06s   (stays at chance, see below)
-  dssm                   0.793 (600)      0.788     8m02s   (accuracy 0.788, Spearman 0.662)
-  sentence-transformer   0.716 (900)      0.706     3m36s   (alone on idle cores; 11m35s
-                                                            with 3 runs sharing 2 cores)
-  TF-IDF baseline        0.847            0.876     1.4s
+  variant                dev F1 (step)    test F1   wall (CPU)
+  pointwise              0.515 (600)      0.513     6m24s (199 s)   (near chance, see below)
+  dssm                   0.821 (900)      0.801     15m46s (441 s)  (Spearman dev 0.674, test 0.681)
+  sentence-transformer   0.756 (1200)     0.741     13m15s (444 s)
+  TF-IDF baseline        0.873            0.888     0.5s
 
 The baseline (``benchmarks/baseline_matching.py``) is the cosine of character 1-2-gram
 TF-IDF vectors with the threshold tuned on dev: headlines and first sentences share many
-characters, which it reads directly. The scratch two-tower models learn that from 1800
+characters, which it reads directly. The scratch two-tower models learn that from 1750
 positive pairs with mean pooling (DSSM with the original pooler output reached dev F1 0.54
 at step 300 before it was stopped); the scratch one-tower model memorizes the training pairs
 (loss 0.69 -> 0.44; 0.64 accuracy on them at its best step, 0.50 on dev) without
-generalizing. Checked and ruled out: the encoding, batching, labels and loss (none is wrong,
+generalizing. Checked and ruled out (on the earlier build of the pairs, 1800 training
+articles, see data/README.md): the encoding, batching, labels and loss (none is wrong,
 see docs/tasks/matching.md); lr 2e-4 (dev 0.498, test 0.485, 3m03s), 3e-4, 1e-3, 2e-3, mean
 pooling, a 4.4x larger init (std 0.088: memorizes sooner, dev 0.496) and 3.6x more pairs
 (headline <-> each of the first 4 sentences: loss at ln 2 through step 700). Adding 13560
@@ -74,6 +75,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = config_lib.base("matching", variant)
     c.model.hub_id = PRETRAINED.get(variant, "")
     c.model.family = "bert"
+    # LoRA (--config.model.lora.rank > 0) adapts BERT's attention query/value layers.
+    c.model.lora.targets = ("query", "value")
     # "pointwise" (one tower, pair classifier), "dssm" (two towers, cosine + MSE) or
     # "sentence_transformer" (two towers, [u; v; |u-v|] classifier).
     c.model.matching = SCRATCH.get(variant, "pointwise")

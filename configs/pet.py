@@ -60,6 +60,8 @@ def prompt_config(task: str, variant: str) -> ml_collections.ConfigDict:
     c = config_lib.base(task, variant)
     c.model.hub_id = PRETRAINED.get(variant, "")
     c.model.family = "bert"
+    # LoRA (--config.model.lora.rank > 0) adapts BERT's attention query/value layers.
+    c.model.lora.targets = ("query", "value")
     c.model.dropout = 0.1
     c.model.min_char_freq = 2
 

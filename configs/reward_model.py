@@ -44,6 +44,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = config_lib.base("reward_model", variant)
     c.model.hub_id = PRETRAINED.get(variant, "")
     c.model.family = "bert"
+    # LoRA (--config.model.lora.rank > 0) adapts BERT's attention query/value layers.
+    c.model.lora.targets = ("query", "value")
     # Score input: "cls" (the [CLS] state through the pooler, as HF; needed for --mode=export)
     # or "mean" (the mean of the last layer over real tokens).
     c.model.pooling = "cls"

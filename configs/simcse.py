@@ -59,6 +59,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = config_lib.base("simcse", variant)
     c.model.hub_id = PRETRAINED.get(variant, "")
     c.model.family = "bert"
+    # LoRA (--config.model.lora.rank > 0) adapts BERT's attention query/value layers.
+    c.model.lora.targets = ("query", "value")
     # The sentence vector before the projection: "pooler" (tanh(dense([CLS])), the
     # original's), "cls" (the [CLS] state), "mean" (masked mean of the last layer) or ""
     # (the original's). The scratch demos take "mean": averaged fresh character vectors

@@ -521,7 +521,13 @@ def load_params(task, model: nnx.Module, workdir: str | os.PathLike, step: int) 
     ``workdir``'s checkpoint ``step``."""
     graphdef, params, frozen = split_model(model, task.trainable())
     ckpt = checkpoints(task.config, workdir)
-    restored = ckpt.restore(step, {"params": _pure(params)})["params"]
+    # Every param comes back on the default device, where the frozen ones (host or fresh
+    # arrays) are computed: a model built on a checkpoint mixes host arrays with device ones
+    # (a fresh head, LoRA adapters), which restored as they are could not meet in one jit.
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    targets = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=device),
+                           _pure(params))
+    restored = ckpt.restore(step, {"params": targets})["params"]
     ckpt.close()
     return nnx.merge(graphdef, restored, frozen)
 

@@ -195,5 +195,10 @@ class Task(base.Task):
 
     def export(self, model, tokenizer, out_dir: str) -> None:
         """Pointwise: an HF sequence classifier. Towers: the shared encoder as an HF
-        ``BertModel`` (the Sentence-Transformer's pair classifier is not part of it)."""
-        self.export_model(model.encoder if self.towers else model, out_dir)
+        ``BertModel`` plus the pooling and the Sentence-Transformer's pair classifier
+        (``TwoTower.export_head``). With LoRA the HF model is a PEFT adapter."""
+        if not self.towers:
+            self.export_model(model, out_dir)
+            return
+        self.export_model(model.encoder, out_dir)
+        model.export_head(out_dir)

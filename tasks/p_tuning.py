@@ -24,12 +24,20 @@ from lib.tokenizer import CharVocab
 from tasks import pet
 
 
+def _lora_problem(value, config) -> str | None:
+    if value == 0:
+        return None
+    return ("must be 0: p-tuning learns its prompt tokens' embeddings, which LoRA keeps "
+            "frozen (use the pet task for LoRA)")
+
+
 class Task(pet.Task):
     """p-tuning: ``model.prompt_tokens`` learned tokens, then the slots and the text."""
 
     RULES = {
         **{k: v for k, v in pet.Task.RULES.items() if k != "data.template"},
         "model.prompt_tokens": config_lib.at_least(1),
+        "model.lora.rank": config_lib.Rule(_lora_problem),
     }
 
     def __init__(self, config):

@@ -230,6 +230,8 @@ class Task(base.Task):
         return out
 
     def export(self, model, tokenizer, out_dir: str) -> None:
-        """The encoder as an HF ``BertModel`` / ``ErnieModel`` (the projection head, which
-        ``transformers`` has no place for, is not part of it)."""
+        """The encoder as an HF ``BertModel`` / ``ErnieModel`` (with LoRA: a PEFT adapter),
+        and the pooling and projection head, which ``transformers`` has no place for, beside
+        it (``TwoTower.export_head``)."""
         self.export_model(model.encoder, out_dir)
+        model.export_head(out_dir)

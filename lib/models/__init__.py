@@ -68,8 +68,10 @@ class Seq2SeqLM(Protocol):
                rngs: nnx.Rngs | None = None) -> jax.Array:
         """Encoder states ``[b, s, hidden]``."""
 
-    def init_cache(self, encoded: jax.Array, attention_mask: jax.Array, slots: int) -> Any:
-        """A decoder cache of ``slots`` positions holding the cross-attention keys/values."""
+    def init_cache(self, encoded: jax.Array, attention_mask: jax.Array, slots: int, *,
+                   copies: int = 1) -> Any:
+        """A decoder cache of ``slots`` positions for ``copies`` rows per input (its beams or
+        samples) holding the cross-attention keys/values, once per input."""
 
     def decode(self, decoder_input_ids: jax.Array, cache: Any, *,
                rngs: nnx.Rngs | None = None) -> tuple[jax.Array, Any]:
@@ -84,7 +86,9 @@ class Port:
     ``config.model``); ``export(model, cfg, out_dir, tokenizer)``; ``tokenizer(model_dir)``.
     ``names`` converts our module paths to the HF ones where they differ (``NameMap``);
     ``peft_config`` adds ``adapter_config.json`` entries; ``peft_adapter`` writes an adapter
-    in another naming than the model's (ChatGLM's fused ``query_key_value``)."""
+    in another naming than the model's (ChatGLM's fused ``query_key_value``);
+    ``peft_head(head, cfg, base_config) -> lora.PeftHead`` says what a LoRA model of a head is
+    in PEFT (task type, HF module paths, the head layers trained whole beside the adapters)."""
 
     name: str
     heads: tuple[str, ...]
@@ -96,6 +100,7 @@ class Port:
     names: Any = None
     peft_config: dict = dataclasses.field(default_factory=dict)
     peft_adapter: Callable | None = None
+    peft_head: Callable[..., Any] | None = None
 
     def hf_name(self, path: str) -> str:
         """The HF module path of one of our module paths."""
@@ -123,14 +128,15 @@ def port_of_dir(model_dir: str | os.PathLike) -> Port:
 
 class Built(NamedTuple):
     """What ``build`` returns: the model, its tokenizer, the NNX filter of what the optimizer
-    trains (``nnx.Param``, ``LoRAParam`` or ``PrefixParam``), the port's model config and the
-    port itself."""
+    trains (``nnx.Param``, ``LoRAParam`` or ``PrefixParam``), the port's model config, the
+    port itself and the head it was built with."""
 
     model: nnx.Module
     tokenizer: Any
     trainable: Any
     config: Any
     port: Port
+    head: str = ""
 
 
 def build(
@@ -173,9 +179,14 @@ def build(
 
         if trainable is lora.LoRAParam:
             lc = model_cfg.lora
-            lora_export(lc)  # a misspelt choice fails now, not after training
+            how = lora_export(lc)  # a misspelt choice fails now, not after training
+            spec = _peft_head(the_port, head, cfg, model_cfg)
+            if spec is not None and how == "adapter" and spec.unsupported:
+                raise UserError(spec.unsupported)
             lora.apply_lora(model, tuple(lc.targets), int(lc.rank), float(lc.alpha),
                             float(lc.dropout), nnx.Rngs(seed + 1), names=the_port.names)
+            if spec is not None:
+                lora.train_whole(model, spec.trained)  # the task head learns beside them
         else:
             if head != "causal_lm":
                 raise UserError("p-tuning v2 (config.model.prefix) needs a causal_lm head, "
@@ -186,7 +197,18 @@ def build(
                 prefix_projection=bool(pc.projection), hidden_size=int(pc.hidden_size) or None,
                 dropout=float(pc.dropout),
             )
-    return Built(model, tokenizer, trainable, cfg, the_port)
+    return Built(model, tokenizer, trainable, cfg, the_port, head)
+
+
+def _peft_head(the_port: Port, head: str, cfg, model_cfg):
+    """The port's ``lora.PeftHead`` of ``head`` (None: the port has none; its adapters are
+    the decoders' kind, described by ``peft_config``)."""
+    if the_port.peft_head is None:
+        return None
+    from lib import hf
+
+    base = hf.read_config(model_cfg.path) if model_cfg.path else None
+    return the_port.peft_head(head, cfg, base)
 
 
 def trainable_of(model_cfg) -> Any:
@@ -235,7 +257,9 @@ def export(built: Built, model: nnx.Module, out_dir: str | os.PathLike, model_cf
             base = hf.read_config(model_cfg.path) if model_cfg.path else None
             return lora.export_peft(model, out, model_cfg.get("hub_id") or model_cfg.path,
                                     targets=tuple(model_cfg.lora.targets), base_config=base,
-                                    port=built.port)
+                                    port=built.port,
+                                    head=_peft_head(built.port, built.head, built.config,
+                                                    model_cfg))
         model = lora.merge_lora(model)
     if built.trainable is prefix.PrefixParam:
         state = hf.state_of(model.prefix_encoder)

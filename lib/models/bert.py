@@ -682,6 +682,61 @@ def export_pretrained(
     )
 
 
+# ----------------------------------------------------------------------------- PEFT
+
+
+def _uie_classifier(model: BertForUIE) -> StateDict:
+    """UIE's two pointer heads as one 2-label token classifier (label 0: start, 1: end)."""
+    heads = (model.linear_start, model.linear_end)
+    return {
+        "classifier.weight": np.concatenate([np.asarray(h.kernel[...], np.float32).T
+                                             for h in heads]),
+        "classifier.bias": np.concatenate([np.asarray(h.bias[...], np.float32) for h in heads]),
+    }
+
+
+def peft_head(head: str, cfg: BertConfig, base_config: dict | None):
+    """What a LoRA model of ``head`` is in PEFT (``lib.models.lora.PeftHead``):
+
+    - ``sequence_classification`` / ``reward``: ``SEQ_CLS`` on
+      ``Bert/ErnieForSequenceClassification``; the classifier is trained whole and saved as
+      ``classifier``;
+    - ``encoder``: ``FEATURE_EXTRACTION`` on ``BertModel`` / ``ErnieModel`` (a head a task puts
+      on top, e.g. ``pooling.TwoTower``'s, is the task's to write);
+    - ``masked_lm``: the plain ``PeftModel`` (PEFT has no masked-LM task type) on
+      ``Bert/ErnieForMaskedLM``;
+    - ``uie``: ``TOKEN_CLS`` on ``Bert/ErnieForTokenClassification`` with ``num_labels=2``: the
+      two pointer heads are trained whole and saved as its ``classifier`` (row 0 start, row 1
+      end), so ``logits[..., 0]`` / ``[..., 1]`` are the start / end logits.
+    """
+    from lib.models import lora
+
+    def hf_path(path: str) -> str:
+        return cfg.hf_prefix + path[len("bert"):] if path.startswith("bert.") else path
+
+    if head in ("sequence_classification", "reward"):
+        unsupported = ""
+        if cfg.pooling != "cls":
+            unsupported = (f"config.model.pooling={cfg.pooling!r} with a LoRA adapter: PEFT "
+                           "loads it onto HF's sequence classifier, which pools [CLS]; use "
+                           "--config.model.pooling=cls")
+        return lora.PeftHead("SEQ_CLS", ("classifier",), hf_path, unsupported=unsupported)
+    if head == "encoder":
+        return lora.PeftHead("FEATURE_EXTRACTION", hf_path=hf_path)
+    if head == "masked_lm":
+        return lora.PeftHead(None, hf_path=hf_path)
+    if head == "uie":
+        unsupported = ""
+        if base_config is not None and base_config.get("architectures") == ["UIE"]:
+            unsupported = ("config.model.path is a UIE checkpoint (architectures ['UIE']), "
+                           "which transformers cannot load as the token classifier a PEFT "
+                           "adapter goes on: set --config.model.lora.export=merged (the UIE "
+                           "layout with the adapters folded in)")
+        return lora.PeftHead("TOKEN_CLS", ("linear_start", "linear_end"), hf_path,
+                             saved=_uie_classifier, unsupported=unsupported)
+    raise UserError(f"model head {head!r}: choose one of {tuple(HEAD_CLASSES)}")
+
+
 # ----------------------------------------------------------------------------- registry
 
 # "encoder": the bare encoder with its pooler (sentence vectors, lib.models.pooling).
@@ -719,6 +774,7 @@ def _port():
         name="bert", heads=tuple(HEAD_CLASSES), load=_load_head,
         create=lambda cfg, head, rngs: HEAD_CLASSES[head](cfg, rngs=rngs),
         scratch_config=scratch_config, export=export_pretrained, tokenizer=load_hf_tokenizer,
+        peft_head=peft_head,
     )
 
 

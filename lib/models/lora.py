@@ -8,6 +8,10 @@ original layer as ``base`` (plain ``nnx.Param``) and adds ``lora_a [in, r]`` and
 
 ``LoRAParam`` is its own Variable type, so ``trainable=LoRAParam`` as an NNX filter hands only
 the adapters to the optimizer (``lib.train.init_state``); everything else travels as frozen.
+A task head the base lacks (a classifier, UIE's pointers) is trained whole beside them:
+``train_whole`` makes its parameters ``HeadParam``, a ``LoRAParam`` subclass, and PEFT export
+writes them as ``modules_to_save`` (which layers, and the PEFT ``task_type``, come from the
+port's ``peft_head``: a ``PeftHead``).
 
 Two ways out: ``merge_lora`` folds the adapters into the base kernels and puts the plain
 Linear back (parameter paths and HF names are those of the original model again, so the
@@ -22,10 +26,11 @@ Dropout on the adapter input follows the project's rule: an ``nnx.Rngs`` passed 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import jax
@@ -47,7 +52,32 @@ _TARGET_HINTS = {
 
 
 class LoRAParam(nnx.Param):
-    """A LoRA adapter matrix: the only Variable type a LoRA run trains."""
+    """What a LoRA run trains: an adapter matrix, or (``HeadParam``) a head trained whole."""
+
+
+class HeadParam(LoRAParam):
+    """A parameter of a layer that a LoRA run trains whole beside the adapters: a task head
+    the base checkpoint lacks (a classifier, UIE's pointers, a two-tower head). PEFT calls
+    such layers ``modules_to_save`` and stores their full weights with the adapter."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PeftHead:
+    """What a model of one head is as a PEFT model (a port's ``peft_head``)."""
+
+    # PEFT's task_type, which picks the PeftModel class that loads the adapter (SEQ_CLS,
+    # TOKEN_CLS, FEATURE_EXTRACTION, ...); None: the plain PeftModel.
+    task_type: str | None
+    # Our module paths of the head layers trained whole (HeadParam; PEFT's modules_to_save).
+    trained: tuple[str, ...] = ()
+    # Our module path -> its path in the HF class PEFT loads onto (ERNIE's "ernie." prefix).
+    hf_path: Callable[[str], str] = str
+    # The saved layers' tensors named in that HF class (``classifier.weight [out, in]``), from
+    # the model; None: each trained Linear's own weight and bias under ``hf_path``.
+    saved: Callable[[nnx.Module], dict[str, np.ndarray]] | None = None
+    # Why no PEFT adapter can stand for this model (empty: one can); build fails with it when
+    # config.model.lora.export is "adapter".
+    unsupported: str = ""
 
 
 class LoRALinear(nnx.Module):
@@ -114,6 +144,10 @@ def _dotted(path: GraphPath) -> str:
 
 def _child(parent, key):
     return parent[key] if isinstance(key, int) else getattr(parent, key)
+
+
+def _graph_path(dotted: str) -> GraphPath:
+    return tuple(int(k) if k.isdigit() else k for k in dotted.split("."))
 
 
 def _resolve(root: nnx.Module, path: GraphPath):
@@ -255,6 +289,24 @@ def merge_lora(model: nnx.Module) -> nnx.Module:
     return model
 
 
+def train_whole(model: nnx.Module, paths: Sequence[str]) -> None:
+    """Make every parameter of the layers at dotted ``paths`` a ``HeadParam``, in place, so
+    that a LoRA run (``trainable=LoRAParam``) trains them whole beside the adapters. A path
+    that already holds adapters is a ``UserError``: a head is trained whole or adapted, and
+    PEFT saves it whole."""
+    adapted = {_dotted(p) for p in _linears(model)[1]}
+    for dotted in paths:
+        if dotted in adapted:
+            raise UserError(
+                f"LoRA target {dotted.rsplit('.', 1)[-1]!r} is the task head, which a LoRA run "
+                "trains whole beside the adapters (PEFT's modules_to_save): target the "
+                "encoder's layers instead (config.model.lora.targets)")
+        module = _resolve(model, _graph_path(dotted))
+        for sub, node in list(nnx.iter_graph(module)):
+            if isinstance(node, nnx.Param) and not isinstance(node, LoRAParam):
+                _set_child(module, sub, HeadParam(node.get_value(), **node.get_metadata()))
+
+
 def _one(values: set, what: str):
     if len(values) != 1:
         raise UserError(
@@ -273,11 +325,15 @@ def _check_same(given, actual, what: str):
 
 
 def _hf_adapter(
-    model: nnx.Module, adapters: dict[str, LoRALinear], targets: Sequence[str] | None, port
+    model: nnx.Module, adapters: dict[str, LoRALinear], targets: Sequence[str] | None, port,
+    head: PeftHead | None = None,
 ) -> tuple[dict[str, np.ndarray], list[str]]:
-    """PEFT tensors named after the HF module paths (the port's ``hf_name``; ours where they
-    are the same) and the ``target_modules`` list."""
-    hf_name = port.hf_name if port is not None else (lambda path: path)
+    """PEFT tensors named after the HF module paths (the head's ``hf_path``, else the port's
+    ``hf_name``; ours where they are the same) and the ``target_modules`` list."""
+    if head is not None:
+        hf_name = head.hf_path
+    else:
+        hf_name = port.hf_name if port is not None else (lambda path: path)
     names = port.names if port is not None else None
     target_modules = [hf_name(p) for p in adapters]
     if targets is not None:
@@ -298,6 +354,18 @@ def _hf_adapter(
     return tensors, target_modules
 
 
+def _saved_tensors(model: nnx.Module, head: PeftHead) -> dict[str, np.ndarray]:
+    """The ``modules_to_save`` tensors of ``head``, in the HF class's names."""
+    if head.saved is not None:
+        return head.saved(model)
+    out = {}
+    for dotted in head.trained:
+        layer = _resolve(model, _graph_path(dotted))
+        out[f"{head.hf_path(dotted)}.weight"] = np.asarray(layer.kernel[...], np.float32).T
+        out[f"{head.hf_path(dotted)}.bias"] = np.asarray(layer.bias[...], np.float32)
+    return out
+
+
 def export_peft(
     model: nnx.Module,
     out_dir: str | os.PathLike,
@@ -310,6 +378,7 @@ def export_peft(
     *,
     base_config: dict | None = None,
     port=None,
+    head: PeftHead | None = None,
 ) -> Path:
     """Write ``adapter_config.json`` and ``adapter_model.safetensors`` for PEFT.
 
@@ -327,7 +396,14 @@ def export_peft(
     ``query_key_value`` (``lib.models.chatglm.peft_adapter``); ``r`` and ``lora_alpha`` then
     grow by the same factor (3 for q/k/v), so ``lora_alpha / r`` is unchanged, and ``targets``
     is not used.
+
+    ``head`` (the port's ``peft_head`` of the model's head) sets ``task_type``, the HF module
+    paths and the layers trained whole: their weights are written as PEFT writes
+    ``modules_to_save`` (``base_model.model.classifier.weight``), listed in
+    ``modules_to_save``.
     """
+    if head is not None and head.unsupported:
+        raise UserError(head.unsupported)
     adapters = lora_modules(model)
     if not adapters:
         raise UserError("export_peft: the model has no LoRA adapters (apply_lora was not run)")
@@ -357,7 +433,13 @@ def export_peft(
         tensors, target_modules, width = fused
         rank, alpha = width, alpha * width / rank
     else:
-        tensors, target_modules = _hf_adapter(model, adapters, targets, port)
+        tensors, target_modules = _hf_adapter(model, adapters, targets, port, head)
+    modules_to_save = None
+    if head is not None:
+        task_type = head.task_type
+        saved = _saved_tensors(model, head)
+        tensors.update({f"base_model.model.{k}": v for k, v in saved.items()})
+        modules_to_save = sorted({k.rsplit(".", 1)[0] for k in saved}) or None
     config = {
         "peft_type": "LORA",
         "task_type": task_type,
@@ -372,7 +454,7 @@ def export_peft(
         "init_lora_weights": True,
         "use_rslora": False,
         "use_dora": False,
-        "modules_to_save": None,
+        "modules_to_save": modules_to_save,
         "layers_to_transform": None,
         "layers_pattern": None,
         "rank_pattern": {},

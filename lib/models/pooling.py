@@ -5,17 +5,24 @@ pooler: tanh(dense([CLS]))) and ``mean`` (the mean of the last layer over real t
 never counts). ``TwoTower`` wraps an encoder built by the registry (``head="encoder"``: a
 ``BertModel`` with its pooler) so that each side of a pair is encoded alone, plus an optional
 Sentence-Transformer classifier over ``[u; v; |u - v|]`` and an optional projection head
-(SimCSE's Linear -> dropout -> L2 normalisation of the sentence vector).
+(SimCSE's Linear -> dropout -> L2 normalisation of the sentence vector). On an encoder with
+LoRA adapters these head layers are trained whole beside the adapters; ``export_head`` writes
+them next to the exported encoder.
 """
 
 from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from lib import hf
 from lib.errors import UserError
-from lib.models import layers
+from lib.models import layers, lora
 
 POOLINGS = ("cls", "pooler", "mean")
 
@@ -82,6 +89,10 @@ class TwoTower(nnx.Module):
                                            rngs=rngs, dtype=dtype)
         self.projection_size = projection
         self.projection_dropout = projection_dropout
+        if lora.lora_modules(encoder):
+            # The encoder learns through adapters; the head is new, so it learns whole.
+            lora.train_whole(self, [n for n, on in (("classifier", num_labels),
+                                                    ("projection", projection)) if on])
 
     def embed(self, input_ids, attention_mask, token_type_ids=None, *,
               rngs: nnx.Rngs | None = None) -> jax.Array:
@@ -97,3 +108,23 @@ class TwoTower(nnx.Module):
     def classify(self, u: jax.Array, v: jax.Array) -> jax.Array:
         """Logits ``[b, num_labels]`` of the pair vectors ``u, v``."""
         return self.classifier(pair_features(u, v)).astype(jnp.float32)
+
+    def export_head(self, out_dir: str | os.PathLike) -> None:
+        """Write what the towers add to the encoder, next to its export in ``out_dir``:
+        ``sentence_head.json`` (``pooling``, ``num_labels``, ``projection``) and, with head
+        layers, ``sentence_head.safetensors``: ``classifier.weight [num_labels, 3H]`` /
+        ``projection.weight [projection, H]`` and their biases, as torch ``nn.Linear`` keeps
+        them."""
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        spec = {"pooling": self.pooling, "num_labels": self.num_labels,
+                "projection": self.projection_size}
+        (out / "sentence_head.json").write_text(json.dumps(spec, indent=2) + "\n",
+                                                encoding="utf-8")
+        state = {}
+        for name, on in (("classifier", self.num_labels), ("projection", self.projection_size)):
+            if on:
+                state.update({f"{name}.{k}": v for k, v in hf.state_of(getattr(self, name))
+                              .items()})
+        if state:
+            hf.write_safetensors(state, out / "sentence_head.safetensors")
