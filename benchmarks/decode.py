@@ -21,15 +21,17 @@ PyTorch uses as many threads as there are cores. The cases (``--cases``, all by 
   ``GPT2LMHeadModel``.
 
     .venv/bin/python benchmarks/decode.py [--model qwen2|gpt2] [--cases greedy,sample20,...]
-        [--batch 4 --sample-prompts 2 --prompt 64 --new 128 --repeats 1]
+        [--batch 4 --sample-prompts 2 --prompt 64 --new 128 --repeats 3]
 
 A quick check: ``--batch 2 --sample-prompts 1 --prompt 16 --new 8`` (about a minute).
 
-Prints, per case, the seconds of one call of each, tokens/s (returned tokens), the ratio
-PyTorch time / ours, and for the deterministic cases the share of identical tokens; then the
-table of every case. No EOS: both decode exactly ``--new`` tokens. The load average is printed
-too: on a shared machine PyTorch's threaded BLAS slows down far more than XLA under
-contention, so compare runs on an idle machine.
+After one warm-up call each, the two sides take turns for ``--repeats`` calls each (so that
+a change of the machine's load hits both), and the median call counts. Prints, per case, the
+median seconds of one call of each, tokens/s (returned tokens), the ratio PyTorch time /
+ours, and for the deterministic cases the share of identical tokens; then the table of every
+case. No EOS: both decode exactly ``--new`` tokens. The load average is printed too: on a
+shared machine PyTorch's threaded BLAS slows down far more than XLA under contention
+(``--torch-threads 1`` is the fairer comparison there), so compare runs on an idle machine.
 """
 
 from __future__ import annotations
@@ -99,7 +101,7 @@ BEAMS = 3
 
 
 class Result(NamedTuple):
-    """One case: best seconds per call of each side, first-call seconds (compile included),
+    """One case: median seconds per call of each side, first-call seconds (compile included),
     returned tokens per call, and the share of identical tokens (None: sampled)."""
 
     case: str
@@ -111,14 +113,23 @@ class Result(NamedTuple):
     identical: float | None
 
 
-def _timed(fn: Callable, repeats: int) -> tuple[float, object]:
-    """Best wall time of ``repeats`` calls of ``fn`` and its last result."""
-    best, out = float("inf"), None
+def _timed(fn: Callable) -> tuple[float, object]:
+    """Wall time of one call of ``fn`` and its result."""
+    start = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - start, out
+
+
+def _alternating(ours: Callable, theirs: Callable, repeats: int):
+    """``(median s of ours, its result, median s of theirs, its result)`` of ``repeats``
+    calls each, the two sides taking turns, so that a change in the machine's load hits both."""
+    times: tuple[list, list] = ([], [])
+    outs: list = [None, None]
     for _ in range(repeats):
-        start = time.perf_counter()
-        out = fn()
-        best = min(best, time.perf_counter() - start)
-    return best, out
+        for side, fn in enumerate((ours, theirs)):
+            seconds, outs[side] = _timed(fn)
+            times[side].append(seconds)
+    return float(np.median(times[0])), outs[0], float(np.median(times[1])), outs[1]
 
 
 def _build(name: str):
@@ -159,10 +170,9 @@ def _run(case: str, hf_model, model, ids, mask, new: int, repeats: int, **settin
         out = out[:, 1 if seq2seq else ids.shape[1]:].numpy()
         return np.pad(out, ((0, 0), (0, new - out.shape[1])))
 
-    first_ours, _ = _timed(ours_fn, 1)
-    first_torch, _ = _timed(torch_fn, 1)
-    t_ours, tokens_ours = _timed(ours_fn, repeats)
-    t_torch, tokens_torch = _timed(torch_fn, repeats)
+    first_ours, _ = _timed(ours_fn)
+    first_torch, _ = _timed(torch_fn)
+    t_ours, tokens_ours, t_torch, tokens_torch = _alternating(ours_fn, torch_fn, repeats)
     same = None if sampled else float(np.mean(tokens_ours == tokens_torch))
     return Result(case, t_ours, t_torch, first_ours, first_torch, tokens_ours.size, same)
 
@@ -183,7 +193,7 @@ def main() -> None:
     parser.add_argument("--sample-prompts", type=int, default=2)
     parser.add_argument("--prompt", type=int, default=64)
     parser.add_argument("--new", type=int, default=128)
-    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--torch-threads", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args()
     cases = args.cases.split(",")

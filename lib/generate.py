@@ -11,18 +11,21 @@ Two kinds of model decode here:
   encoder runs once, ``model.init_cache`` computes the cross-attention keys/values once, and
   decoding starts from ``config.decoder_start_token_id``.
 
-Either way a prompt is prefilled (or encoded) **once**: its cache rows are then copied for its
-``num_return_sequences`` samples or its ``num_beams`` beams (``cache.select(rows)``), where HF
-``generate`` runs the prompt once per returned sequence or beam. Then one
-``jax.lax.while_loop`` feeds one token per row and step. Shapes never change inside it, so
-each (model, prompt shape, settings) compiles exactly once.
+Either way a prompt is prefilled (or encoded) **once**, where HF ``generate`` runs it once per
+returned sequence or beam: a decoder's cache rows are then copied for its
+``num_return_sequences`` samples or its ``num_beams`` beams (``cache.select(rows)``); an
+encoder-decoder's cross-attention keys/values stay one copy per input, read by all its rows
+(``init_cache(copies=)``), and only the decoder's self-attention cache has a row per beam.
+Then one ``jax.lax.while_loop`` feeds one token per row and step. Shapes never change inside
+it, so each (model, prompt shape, settings) compiles exactly once.
 
 Token choice follows Hugging Face ``generate``: the ``no_repeat_ngram_size`` ban (the prompt
-counts), then for sampling temperature, top-k and top-p (nucleus). The random stream is an
-explicit ``jax.random`` key, folded with the step number, so the same key gives the same
-tokens. Beam search is HF's ``_beam_search`` step for step (its ``2 * num_beams`` candidates,
-finished hypotheses scored ``sum log p / length ** length_penalty``, ``early_stopping``
-True / False / "never"), so greedy and beam outputs are token-identical to HF's.
+counts), then for sampling temperature, top-k and top-p (nucleus); a sample is drawn among
+the candidates these keep. The random stream is an explicit ``jax.random`` key, folded with
+the step number, so the same key gives the same tokens. Beam search is HF's
+``_beam_search`` step for step (its ``2 * num_beams`` candidates, finished hypotheses scored
+``sum log p / length ** length_penalty``, ``early_stopping`` True / False / "never"), so
+greedy and beam outputs are token-identical to HF's.
 
     ids, mask = left_pad([[5, 6, 7], [8, 9]], pad_id=0)
     generate(model, ids, mask, max_new_tokens=16, num_beams=3)  # -> int32 [2, 16]
@@ -89,24 +92,38 @@ def warp_logits(
     sums to at least ``top_p``, and always the most likely one (HF's ``TopPLogitsWarper``):
     a token is kept when the probability of the tokens ranked above it is below ``top_p``.
     """
-    logits = logits.astype(jnp.float32)
-    if temperature != 1.0:
-        logits = logits / temperature
-    vocab = logits.shape[-1]
-    k = vocab if top_k <= 0 else min(top_k, vocab)
-    if k == vocab and top_p >= 1.0:
+    logits = _tempered(logits, temperature)
+    if not _filters(logits.shape[-1], top_k, top_p):
         return logits
-    # Sorted descending; with top-k only the k best need sorting, which is much cheaper.
-    best = jax.lax.top_k(logits, k)[0]
-    threshold = best[..., -1:]
+    best, _, keep = _candidates(logits, top_k, top_p)
+    # The kept set is a prefix of the sorted list: its smallest logit is the cut.
+    threshold = jnp.min(jnp.where(keep, best, jnp.inf), axis=-1, keepdims=True)
+    return jnp.where(logits >= threshold, logits, -jnp.inf)
+
+
+def _tempered(logits: jax.Array, temperature: float) -> jax.Array:
+    logits = logits.astype(jnp.float32)
+    return logits if temperature == 1.0 else logits / temperature
+
+
+def _filters(vocab: int, top_k: int, top_p: float) -> bool:
+    """Whether top-k or top-p removes any token of a ``vocab``-sized distribution."""
+    return 0 < top_k < vocab or top_p < 1.0
+
+
+def _candidates(
+    logits: jax.Array, top_k: int, top_p: float
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(logits, token ids, kept) [..., k]`` of the ``k`` most likely tokens, best first
+    (``k``: ``top_k``, else the vocabulary), and which of them top-p keeps."""
+    vocab = logits.shape[-1]
+    # With top-k only the k best need sorting, which is much cheaper than the vocabulary.
+    best, index = jax.lax.top_k(logits, vocab if top_k <= 0 else min(top_k, vocab))
+    keep = jnp.ones(best.shape, bool)
     if top_p < 1.0:
         probs = jax.nn.softmax(best, axis=-1)
-        above = jnp.cumsum(probs, axis=-1) - probs
-        keep = above < top_p
-        keep = keep.at[..., 0].set(True)
-        # The kept set is a prefix of the sorted list: its smallest logit is the cut.
-        threshold = jnp.min(jnp.where(keep, best, jnp.inf), axis=-1, keepdims=True)
-    return jnp.where(logits >= threshold, logits, -jnp.inf)
+        keep = (jnp.cumsum(probs, axis=-1) - probs < top_p).at[..., 0].set(True)
+    return best, index, keep
 
 
 def ban_repeated_ngrams(
@@ -136,11 +153,20 @@ def ban_repeated_ngrams(
 
 
 def _choose(logits: jax.Array, key: jax.Array, s: _Settings) -> jax.Array:
-    """Next token ``[b]`` from last-position ``logits [b, V]``."""
+    """Next token ``[b]`` from last-position ``logits [b, V]``.
+
+    A sample is drawn among the candidates that top-k and top-p keep (``_candidates``), not
+    over the whole vocabulary with the others at -inf: the same distribution (as
+    ``warp_logits``, up to a token tied with the last candidate), at the cost of ``k``
+    random numbers per row instead of ``V``."""
     if not s.do_sample:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    warped = warp_logits(logits, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p)
-    return jax.random.categorical(key, warped, axis=-1).astype(jnp.int32)
+    logits = _tempered(logits, s.temperature)
+    if not _filters(logits.shape[-1], s.top_k, s.top_p):
+        return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+    best, index, keep = _candidates(logits, s.top_k, s.top_p)
+    pick = jax.random.categorical(key, jnp.where(keep, best, -jnp.inf), axis=-1)
+    return jnp.take_along_axis(index, pick[:, None], axis=-1)[:, 0].astype(jnp.int32)
 
 
 # ----------------------------------------------------------------------------- starting
@@ -197,14 +223,12 @@ def _start_decoder(model, input_ids, mask, prefix, rows, max_new_tokens) -> _Sta
     return _Start(step, cache, input_ids[:, -1], last_pos, input_ids)
 
 
-def _start_seq2seq(model, input_ids, mask, start_id, rows, max_new_tokens) -> _Start:
-    """Encode the inputs once and compute their cross-attention keys/values once, then copy
-    each input's rows (``rows``); decoding starts from ``start_id``."""
-    cache = model.init_cache(model.encode(input_ids, mask), mask, max_new_tokens)
-    r = input_ids.shape[0]
-    if rows is not None:
-        cache = cache.select(rows)
-        r = rows.shape[0]
+def _start_seq2seq(model, input_ids, mask, start_id, copies, max_new_tokens) -> _Start:
+    """Encode the inputs once and compute their cross-attention keys/values once, shared by
+    each input's ``copies`` decoder rows; decoding starts from ``start_id``."""
+    cache = model.init_cache(model.encode(input_ids, mask), mask, max_new_tokens,
+                             copies=copies)
+    r = input_ids.shape[0] * copies
 
     def step(token, position, cache):
         logits, cache = model.decode(token[:, None], cache)
@@ -356,7 +380,7 @@ def _generate(
     copies = settings.copies
     rows = jnp.repeat(jnp.arange(b), copies) if copies > 1 else None
     if model.config.is_encoder_decoder:
-        start = _start_seq2seq(model, input_ids, mask, start_id, rows, max_new_tokens)
+        start = _start_seq2seq(model, input_ids, mask, start_id, copies, max_new_tokens)
     else:
         start = _start_decoder(model, input_ids, mask, prefix, rows, max_new_tokens)
     if settings.num_beams > 1:

@@ -206,9 +206,13 @@ class Attention(nnx.Module):
         return (self.k_proj(x, rngs=rngs).reshape(shape),
                 self.v_proj(x, rngs=rngs).reshape(shape))
 
-    def __call__(self, x, k, v, mask, bias, rngs):
+    def __call__(self, x, k, v, mask, bias, rngs, copies: int = 1):
+        """``copies``: every ``copies`` consecutive rows of ``x [b, t, hidden]`` share one row
+        of ``k, v [b / copies, s, heads, head_dim]`` (the beams or samples of one encoded
+        input): their queries attend together, as ``copies * t`` queries of that row."""
         b, t, _ = x.shape
-        q = self.q_proj(x, rngs=rngs).reshape(b, t, self.heads, self.head_dim)
+        q = self.q_proj(x, rngs=rngs).reshape(b // copies, copies * t, self.heads,
+                                              self.head_dim)
         out = attention(q, k, v, mask, dropout_rate=self.dropout_rate, rngs=rngs, bias=bias,
                         scale=self.scale)
         return self.out_proj(out.reshape(b, t, -1), rngs=rngs)
@@ -276,10 +280,10 @@ class DecoderLayer(_Block):
         self.layer_idx = layer_idx
 
     def __call__(self, x, mask, bias, cache: KVCache | None, cross_k, cross_v, cross_mask,
-                 rngs):
+                 rngs, copies: int = 1):
         x, cache = self._self_attention(x, mask, bias, cache, self.layer_idx, rngs)
         h = self.encoder_attn(self.encoder_attn_layer_norm(x), cross_k, cross_v, cross_mask,
-                              None, rngs)
+                              None, rngs, copies)
         x = x + dropout(h, self.dropout_rate, rngs)
         return self._mlp(x, rngs), cache
 
@@ -340,22 +344,49 @@ class Seq2SeqModel(nnx.Module):
         self.decoder = Stack(cfg, True, rngs=rngs)
 
 
+# A decoding cache stores each layer's cross-attention keys and values ``[b, s, heads,
+# head_dim]`` transposed to the layouts XLA:CPU's batched matmuls in ``attention`` read them in:
+# keys ``[b, heads, head_dim, s]``, values ``[b, heads, s, head_dim]``. Stored as ``attention``
+# takes them, every decoding step copied all of them into those layouts.
+_CROSS_K = (0, 2, 3, 1)
+_CROSS_V = (0, 2, 1, 3)
+
+
 @flax.struct.dataclass
 class Seq2SeqCache:
-    """What decoding keeps between steps: the decoder's self-attention ``KVCache``, every
-    decoder layer's cross-attention keys/values ``[layers, b, s, heads, head_dim]`` (computed
-    once from the encoder output) and the encoder's padding mask ``[b, s]``."""
+    """What decoding keeps between steps: the decoder's self-attention ``KVCache`` of
+    ``b * copies`` rows, and once per encoded input every decoder layer's cross-attention
+    keys/values (computed once from the encoder output; ``cross`` reads a layer's, stored as
+    ``_CROSS_K`` / ``_CROSS_V`` say) and the encoder's padding mask ``[b, s]``. Decoder rows
+    ``i * copies`` to ``(i + 1) * copies - 1`` (an input's beams or samples) read input
+    ``i``'s: one copy of them, never gathered, however the beams are reordered."""
 
     self_attn: KVCache
-    cross_k: jax.Array
-    cross_v: jax.Array
+    # One array per decoder layer (a stacked array would be sliced, i.e. copied, every step).
+    cross_k: tuple[jax.Array, ...]
+    cross_v: tuple[jax.Array, ...]
     cross_mask: jax.Array
+    # Decoder rows per encoded input (static: it shapes the cross-attention).
+    copies: int = flax.struct.field(pytree_node=False, default=1)
+
+    def cross(self, layer: int) -> tuple[jax.Array, jax.Array]:
+        """Decoder layer ``layer``'s cross-attention keys and values ``[b, s, heads,
+        head_dim]``, as ``attention`` takes them (views of the stored layouts)."""
+        return (jnp.transpose(self.cross_k[layer], np.argsort(_CROSS_K)),
+                jnp.transpose(self.cross_v[layer], np.argsort(_CROSS_V)))
 
     def select(self, rows: jax.Array) -> Seq2SeqCache:
-        """The cache of batch rows ``rows [n]`` (repeats allowed): one encoded input shared by
-        its beams or samples, or the beams that survived a beam-search step."""
-        return Seq2SeqCache(self_attn=self.self_attn.select(rows), cross_k=self.cross_k[:, rows],
-                            cross_v=self.cross_v[:, rows], cross_mask=self.cross_mask[rows])
+        """The cache of decoder rows ``rows [n]`` (repeats allowed). With one row per input
+        (``copies == 1``) any rows: the inputs' keys/values are selected with them. With
+        ``copies > 1``, ``n`` is the number of rows and each row stays among its own input's
+        rows (beam search's reordering of an input's beams), so only the self-attention cache
+        moves."""
+        if self.copies > 1:
+            return self.replace(self_attn=self.self_attn.select(rows))
+        return self.replace(self_attn=self.self_attn.select(rows),
+                            cross_k=tuple(k[rows] for k in self.cross_k),
+                            cross_v=tuple(v[rows] for v in self.cross_v),
+                            cross_mask=self.cross_mask[rows])
 
 
 class Seq2SeqLM(nnx.Module):
@@ -438,19 +469,24 @@ class Seq2SeqLM(nnx.Module):
         return self._final(stack, x, rngs)
 
     def init_cache(self, encoded: jax.Array, attention_mask: jax.Array, slots: int,
-                   dtype=None) -> Seq2SeqCache:
-        """A decoder cache with room for ``slots`` decoder tokens and the cross-attention
-        keys/values of every decoder layer, computed here once from ``encoded [b, s, hidden]``
-        (and its padding mask ``attention_mask [b, s]``)."""
+                   dtype=None, *, copies: int = 1) -> Seq2SeqCache:
+        """A decoder cache with room for ``slots`` decoder tokens of ``copies`` rows per input
+        (its beams or samples) and the cross-attention keys/values of every decoder layer,
+        computed here once per input from ``encoded [b, s, hidden]`` (and its padding mask
+        ``attention_mask [b, s]``)."""
         cfg = self.config
         dtype = jnp.dtype(dtype or cfg.compute_dtype)
         kv = [layer.encoder_attn.project_kv(encoded) for layer in self.model.decoder.layers]
         return Seq2SeqCache(
-            self_attn=KVCache.init(cfg.num_decoder_layers, encoded.shape[0], slots,
+            self_attn=KVCache.init(cfg.num_decoder_layers, encoded.shape[0] * copies, slots,
                                    cfg.num_attention_heads, cfg.head_dim, dtype),
-            cross_k=jnp.stack([k for k, _ in kv]).astype(dtype),
-            cross_v=jnp.stack([v for _, v in kv]).astype(dtype),
+            # The barrier keeps XLA from moving the transposes back into the steps.
+            cross_k=jax.lax.optimization_barrier(
+                tuple(jnp.transpose(k, _CROSS_K).astype(dtype) for k, _ in kv)),
+            cross_v=jax.lax.optimization_barrier(
+                tuple(jnp.transpose(v, _CROSS_V).astype(dtype) for _, v in kv)),
             cross_mask=attention_mask.astype(bool),
+            copies=copies,
         )
 
     def decode(self, decoder_input_ids: jax.Array, cache: Seq2SeqCache, *,
@@ -468,8 +504,8 @@ class Seq2SeqLM(nnx.Module):
             if cfg.positions == "relative" else None
         cross_mask = cache.cross_mask[:, None, None, :]
         for i, layer in enumerate(stack.layers):
-            x, self_cache = layer(x, mask, bias, self_cache, cache.cross_k[i], cache.cross_v[i],
-                                  cross_mask, rngs)
+            x, self_cache = layer(x, mask, bias, self_cache, *cache.cross(i), cross_mask, rngs,
+                                  cache.copies)
         logits = self.logits(self._final(stack, x, rngs), rngs=rngs)
         return logits, cache.replace(self_attn=self_cache.advance(t))
 
