@@ -21,25 +21,26 @@ then per run ``== run 1/3: mix``, the trainer's lines (``training: 237 steps (79
 16 examples, evaluation every 60``, ``global step 60, epoch: 1, loss: 6.2..., speed: ...
 step/s``, ``eval at step 60: appreciation/rouge-1=...``), the repeats of each part's best
 checkpoint (``mix generation: checkpoint 180 (best generation/rouge-1 of 4 kept
-checkpoints)``, ``mix: repeat 3/20, generation/rouge-1 16.1, ...``), then the table of mean ±
-std over 20 sampled decodings (``untrained`` = the model before training, 5 decodings):
+checkpoints)``, ``    generation: 20 answers to each of 20 prompts (3s)``: each prompt is
+prefilled once and sampled 20 times, ``mix: repeat 3/20, generation/rouge-1 16.1, ...``), then
+the table of mean ± std over 20 sampled decodings (``untrained`` = the model before training,
+5 decodings):
 
   run                     part           ROUGE-1       ROUGE-2       ROUGE-L        BLEU-4
-  untrained               generation     0.13 ± 0.06   0.00 ± 0.00   0.11 ± 0.06   0.17 ± 0.04
-  untrained               appreciation   0.25 ± 0.21   0.00 ± 0.00   0.20 ± 0.17   0.26 ± 0.04
-  mix                     generation    16.57 ± 0.74   0.05 ± 0.11  22.08 ± 1.31   0.91 ± 0.15
-  mix                     appreciation  15.30 ± 0.49   0.33 ± 0.18  18.97 ± 0.86   0.93 ± 0.08
-  single_appreciation     appreciation  18.60 ± 0.63   0.69 ± 0.27  20.94 ± 0.31   1.10 ± 0.08
-  single_generation       generation    16.42 ± 0.74   0.10 ± 0.15  22.21 ± 0.68   1.13 ± 0.11
+  untrained               generation     0.20 ± 0.05   0.00 ± 0.00   0.17 ± 0.04   0.20 ± 0.05
+  untrained               appreciation   0.11 ± 0.06   0.00 ± 0.00   0.09 ± 0.05   0.22 ± 0.03
+  mix                     generation    16.96 ± 1.00   0.09 ± 0.16  22.40 ± 0.90   0.99 ± 0.20
+  mix                     appreciation  14.22 ± 1.00   0.19 ± 0.15  16.43 ± 1.00   0.58 ± 0.11
+  single_appreciation     appreciation  18.36 ± 0.51   0.74 ± 0.20  20.84 ± 0.30   1.11 ± 0.08
+  single_generation       generation    16.24 ± 0.46   0.14 ± 0.16  21.93 ± 0.50   1.22 ± 0.14
 
 and where the plots (``plots/generation_result.png``, ``plots/appreciation_result.png``) and
-``summary.json`` are. About 5-5.5 minutes on 2 idle Intel Xeon cores, compilation included;
-more on a busy machine. On 2 AMD EPYC cores the same code takes 2.8 minutes and gives the same
-untrained and single_appreciation rows, but single_generation 16.39 ± 0.69 and mix 16.60 ±
-0.81 / 14.10 ± 0.57 ROUGE-1: floating-point differences between CPUs change the sampled
-decodings, more so the longer a run trains. A scratch character model learns the verse shape
-(5/7-character lines and their punctuation) and common characters, which is what these ROUGE-1
-scores reward; it does not learn to write or appreciate poems.
+``summary.json`` are. 3m05s of wall time on 2 AMD EPYC cores (load about 2), compilation
+included; more on a busy machine. Floating-point differences between CPUs (Intel and AMD)
+change the sampled decodings, more so the longer a run trains: expect the trained rows to
+differ by about their std on another machine. A scratch character model learns the verse
+shape (5/7-character lines and their punctuation) and common characters, which is what these
+ROUGE-1 scores reward; it does not learn to write or appreciate poems.
 """
 
 import ml_collections
