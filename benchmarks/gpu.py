@@ -164,10 +164,10 @@ def sft_pair(run: dict, model_cfg: dict, model, autocast: Autocast, device: torc
 
 def median_calls(fn, repeats: int) -> tuple[float, float, object]:
     """Time of a first (warm-up) call, median of ``repeats`` more calls, the last result."""
-    first, out = decode_bench._timed(fn, 1)
+    first, out = decode_bench._timed(fn)
     times = []
     for _ in range(repeats):
-        seconds, out = decode_bench._timed(fn, 1)
+        seconds, out = decode_bench._timed(fn)
         times.append(seconds)
     return first, statistics.median(times), out
 

@@ -1,8 +1,8 @@
 """Train-step speed: our jitted, sharded train step vs Hugging Face PyTorch, on this machine.
 
-Three pairs, each at a small and a base size (vocab 21128). The model is built with
-``transformers``, saved, and loaded by our port, so both sides train the same weights on the
-same batch:
+Four pairs, each at a small and a base size (vocab 21128; ``tiny`` is a toy size for quick
+checks, ``tests/test_train_step_benchmark.py``). The model is built with ``transformers``,
+saved, and loaded by our port, so both sides train the same weights on the same batch:
 
 - ``bert-cls``: BERT sequence classification. Ours: ``lib.train.init_state`` + ``compile_step``
   (exactly what training runs: AdamW with the weight-decay mask, global-norm clipping, fp32,
@@ -13,9 +13,16 @@ same batch:
 - ``gpt2-sft``: the same SFT step on GPT-2 (``lib.models.gpt2``: learned positions, LayerNorm,
   fused ``c_attn``, gelu_new, tied head; the shapes of BERT's sizes, so base is GPT-2 small /
   ``uer/gpt2-chinese-cluecorpussmall``) vs ``GPT2LMHeadModel``.
+- ``t5-seq2seq``: seq2seq fine-tuning with the teacher-forced, padding-free token-mean loss of
+  ``tasks.seq2seq`` (``seq2seq_loss``) on a T5 v1.1 / mT5 (gated-GELU MLP, untied head: the
+  architecture of t5-pegasus, which users fine-tune) vs ``MT5ForConditionalGeneration`` with the
+  same ``labels`` (-100 on padding). Small is t5-v1_1-small's shape (6 + 6 layers, d_model 512,
+  8 heads, d_ff 1024), base t5-v1_1-base's (12 + 12, 768, 12 heads, d_ff 2048); rows of 256
+  source and 64 target tokens (``--seq`` sets the source, the target is a quarter of it),
+  batch 8 (small) and 2 (base). Tokens/s count source and target tokens.
 
-The decoders run without dropout (Qwen2 has none; GPT-2's ``*_pdrop`` are set to 0), so both
-sides compute the same loss; BERT keeps its dropout 0.1.
+The decoders and T5 run without dropout (Qwen2 has none; GPT-2's ``*_pdrop`` and T5's
+``dropout_rate`` are set to 0), so both sides compute the same loss; BERT keeps its dropout 0.1.
 
 PyTorch runs ``torch.optim.AdamW`` with the same decay groups (no decay on biases and norm
 weights) and linear schedule,
@@ -29,14 +36,22 @@ steps and of the fastest steps, and the mean load average while timing. On a sha
 PyTorch's OpenMP threads slow down far more than XLA's under contention: compare runs taken at
 a load average below the core count, or pin both to one core with ``--cores 1``.
 
-    .venv/bin/python benchmarks/train_step.py [--pairs bert-cls,qwen2-sft,gpt2-sft]
+    .venv/bin/python benchmarks/train_step.py [--pairs bert-cls,qwen2-sft,gpt2-sft,t5-seq2seq]
                                               [--sizes small,base] [--steps 10] [--batch N]
                                               [--seq 128] [--cores N]
     .venv/bin/python benchmarks/train_step.py --profile [--pairs gpt2-sft] [--sizes base]
                                               [--cores 1] [--trace DIR]
 
-``--pairs`` defaults to all three; e.g. ``--pairs gpt2-sft --sizes small --steps 2`` is a quick
-check of one pair.
+``--pairs`` defaults to all four; e.g. ``--pairs t5-seq2seq --sizes small --steps 2`` is a
+quick check of one pair. ``--pairs t5-seq2seq --sizes small,base --steps 8`` prints (one run
+on the 2-core development machine at load 1-2; see ``benchmarks/README.md``)::
+
+    t5-seq2seq small: batch 8 x seq 256; eval outputs differ by 7.2e-07; ...; first loss
+        9.9794 / 9.9794; fastest step 2.583 / 2.683 s
+    ...
+    step            batch ours tok/s torch tok/s  ratio ratio fastest  ours s torch s ...
+    t5-seq2seq small     8        945         919   1.03          1.04   2.708   2.784 ...
+    t5-seq2seq base      2        194         184   1.06          1.04   3.293   3.482 ...
 
 ``--profile`` (at the small size unless ``--sizes`` names others) prints XLA's cost analysis of
 the compiled step, the time of the forward pass, of forward + backward and of the whole step,
@@ -46,7 +61,8 @@ Matmuls on XLA's Eigen path run asynchronously on its thread pool and their trac
 undercount them; ``--cores 1`` gives a complete per-op account.
 
 Another model/step pair is one more function returning a ``Pair`` (see ``bert_classification``)
-and one more entry in ``PAIRS``; another causal-LM SFT pair is an HF config and our loader passed
+and one more ``PairSpec`` in ``PAIRS`` (with its own default batch and row length if it needs
+them, as ``t5-seq2seq``); another causal-LM SFT pair is an HF config and our loader passed
 to ``causal_lm_sft`` (see ``gpt2_sft``).
 """
 
@@ -76,10 +92,13 @@ from flax import nnx  # noqa: E402
 
 from configs import classification as cls_config  # noqa: E402
 from lib import lm_data, sharding, train  # noqa: E402
-from lib.models import bert, gpt2, qwen2  # noqa: E402
-from tasks import classification  # noqa: E402
+from lib.models import bert, gpt2, qwen2, t5  # noqa: E402
+from tasks import classification, seq2seq  # noqa: E402
 
 SIZES = {
+    # A toy size for quick checks of the code paths (tests/test_train_step_benchmark.py).
+    "tiny": dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
+                 intermediate_size=128),
     "small": dict(num_hidden_layers=4, hidden_size=256, num_attention_heads=4,
                   intermediate_size=1024),
     "base": dict(num_hidden_layers=12, hidden_size=768, num_attention_heads=12,
@@ -87,13 +106,33 @@ SIZES = {
 }
 # Qwen2-architecture decoders of about the same sizes (grouped-query attention 2:1, SwiGLU).
 QWEN2_SIZES = {
+    "tiny": dict(num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
+                 num_key_value_heads=2, intermediate_size=128),
     "small": dict(num_hidden_layers=4, hidden_size=256, num_attention_heads=4,
                   num_key_value_heads=2, intermediate_size=704),
     "base": dict(num_hidden_layers=12, hidden_size=768, num_attention_heads=12,
                  num_key_value_heads=6, intermediate_size=2048),
 }
+# T5 v1.1 / mT5 (t5-pegasus's architecture: gated-GELU MLP, untied head) at the shapes of
+# Google's t5-v1_1-small (6 + 6 layers, d_model 512, 8 heads of 64, d_ff 1024) and
+# t5-v1_1-base (12 + 12, 768, 12 heads of 64, d_ff 2048).
+T5_SIZES = {
+    "tiny": dict(num_layers=2, num_decoder_layers=2, d_model=64, num_heads=4, d_kv=16,
+                 d_ff=128),
+    "small": dict(num_layers=6, num_decoder_layers=6, d_model=512, num_heads=8, d_kv=64,
+                  d_ff=1024),
+    "base": dict(num_layers=12, num_decoder_layers=12, d_model=768, num_heads=12, d_kv=64,
+                 d_ff=2048),
+}
+# HF initialises T5's head and norms with std / value 1 (logits of std ~sqrt(d_model), a first
+# loss in the hundreds); scaled by this factor the first loss is near ln(vocab), as in the
+# other pairs.
+T5_INIT_FACTOR = 0.1
 # Base is run at batch 8 to keep a run within a few minutes; --batch sets both.
-DEFAULT_BATCH = {"small": 16, "base": 8}
+DEFAULT_BATCH = {"tiny": 8, "small": 16, "base": 8}
+# The seq2seq pair's batches (its rows hold 256 + 64 tokens): a base step takes 6-8 s on one
+# core of the 2-core development machine.
+SEQ2SEQ_BATCH = {"tiny": 8, "small": 8, "base": 2}
 VOCAB = 21128
 NUM_LABELS = 2
 # The training hyper-parameters of both sides (a typical BERT fine-tuning run).
@@ -217,7 +256,8 @@ def _torch_step(model: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> Call
     return step
 
 
-def _hf_and_ours(hf_class: type, hf_cfg, load: Callable[[str], tuple]):
+def _hf_and_ours(hf_class: Callable[..., torch.nn.Module], hf_cfg,
+                 load: Callable[[str], tuple]):
     """A randomly initialised (seed 0) ``hf_class(hf_cfg)`` and our port of it: saved, then
     read back by ``load(dir) -> (model, cfg)``."""
     torch.manual_seed(0)
@@ -322,11 +362,91 @@ def gpt2_sft(size: str, batch: int, seq: int) -> Pair:
                          gpt2.load_pretrained, batch, seq)
 
 
-# name -> builder(size, batch, seq); a new model/step pair is one more entry.
-PAIRS: dict[str, Callable[[str, int, int], Pair]] = {
-    "bert-cls": bert_classification,
-    "qwen2-sft": qwen2_sft,
-    "gpt2-sft": gpt2_sft,
+def seq2seq_batch(batch: int, source: int, target: int, vocab: int,
+                  seed: int = 0) -> dict[str, np.ndarray]:
+    """Training rows as ``tasks.seq2seq.encode_pairs`` builds them, right-padded: a source of
+    ``source`` slots (every other row a quarter shorter), a target of ``target`` slots (every
+    other row, offset by one, a third shorter) whose ``labels`` are ``IGNORE`` on padding; the
+    decoder reads ``[start] + target[:-1]`` (start and pad 0, as T5's)."""
+    rng = np.random.default_rng(seed)
+    rows = np.arange(batch)
+    src_len = np.where(rows % 2 == 0, source, source - source // 4)
+    tgt_len = np.where(rows % 2 == 1, target, target - target // 3)
+    mask = (np.arange(source)[None, :] < src_len[:, None]).astype(np.int32)
+    ids = rng.integers(10, vocab, size=(batch, source)).astype(np.int32) * mask
+    dec_mask = (np.arange(target)[None, :] < tgt_len[:, None]).astype(np.int32)
+    labels = np.where(dec_mask == 1, rng.integers(10, vocab, size=(batch, target)),
+                      seq2seq.IGNORE).astype(np.int32)
+    dec_in = np.zeros_like(labels)
+    dec_in[:, 1:] = np.maximum(labels[:, :-1], 0)
+    dec_in *= dec_mask
+    return {"input_ids": ids, "attention_mask": mask, "decoder_input_ids": dec_in,
+            "decoder_attention_mask": dec_mask, "labels": labels}
+
+
+def _untied_mt5(hf_cfg) -> torch.nn.Module:
+    """``MT5ForConditionalGeneration`` with its own LM head, as t5-pegasus and Google's mT5 /
+    T5 v1.1 checkpoints load. transformers 5 builds every (m)T5 with the head tied to the
+    shared embedding (its configs force ``tie_word_embeddings``) and unties a checkpoint whose
+    stored ``lm_head.weight`` differs; this gives the head its own weights, initialised as HF
+    initialises an untied one."""
+    model = transformers.MT5ForConditionalGeneration(hf_cfg)
+    head = torch.empty_like(model.shared.weight).normal_(0.0, hf_cfg.initializer_factor)
+    model.lm_head.weight = torch.nn.Parameter(head)
+    return model
+
+
+def t5_seq2seq(size: str, batch: int, seq: int) -> Pair:
+    """Seq2seq fine-tuning (teacher forcing, token-mean loss over the targets) of a T5 v1.1 /
+    mT5 (``T5_SIZES``): ``tasks.seq2seq``'s loss in the ``lib.train`` step vs
+    ``MT5ForConditionalGeneration`` with the same ``labels`` (HF shifts them into the decoder
+    input itself). ``seq`` source tokens, ``seq // 4`` target tokens; no dropout on either side
+    (``dropout_rate`` 0), so the first losses agree."""
+    hf_cfg = transformers.MT5Config(
+        vocab_size=VOCAB, feed_forward_proj="gated-gelu", dropout_rate=0.0, pad_token_id=0,
+        decoder_start_token_id=0, eos_token_id=1, initializer_factor=T5_INIT_FACTOR,
+        **T5_SIZES[size],
+    )
+    hf_model, model = _hf_and_ours(_untied_mt5, hf_cfg, t5.load_pretrained)
+    assert not model.config.tie_word_embeddings and hf_model.lm_head.weight is not \
+        hf_model.shared.weight
+    target = max(seq // 4, 2)
+    host = seq2seq_batch(batch, seq, target, VOCAB)
+    logits_fn = lambda m, b: m(b["input_ids"], b["attention_mask"], b["decoder_input_ids"],
+                               b["decoder_attention_mask"])
+    ours, parts, lower, forward = _our_step(model, seq2seq.seq2seq_loss, logits_fn, host)
+    del model
+
+    tb = {k: torch.from_numpy(v.astype(np.int64)) for k, v in host.items()}
+    inputs = {"input_ids": tb["input_ids"], "attention_mask": tb["attention_mask"]}
+    with torch.no_grad():
+        hf_logits = hf_model.eval()(**inputs, labels=tb["labels"]).logits.numpy()
+    real = host["decoder_attention_mask"].astype(bool)  # padded targets are not compared
+    diff = float(np.max(np.abs(forward() - hf_logits)[real]))
+    torch_step = _torch_step(hf_model, dict(inputs, labels=tb["labels"]))
+    return Pair(f"t5-seq2seq {size}", batch * (seq + target), ours, torch_step, lower, parts,
+                diff)
+
+
+@dataclasses.dataclass(frozen=True)
+class PairSpec:
+    """A pair's builder and the batch shape it runs at when ``--batch`` / ``--seq`` are not
+    given."""
+
+    # builder(size, batch, seq) -> Pair.
+    build: Callable[[str, int, int], Pair]
+    # Rows per batch at each size.
+    batch: dict[str, int] = dataclasses.field(default_factory=lambda: DEFAULT_BATCH)
+    # Tokens per row (seq2seq: source tokens; the target has a quarter as many).
+    seq: int = 128
+
+
+# name -> PairSpec; a new model/step pair is one more entry.
+PAIRS: dict[str, PairSpec] = {
+    "bert-cls": PairSpec(bert_classification),
+    "qwen2-sft": PairSpec(qwen2_sft),
+    "gpt2-sft": PairSpec(gpt2_sft),
+    "t5-seq2seq": PairSpec(t5_seq2seq, SEQ2SEQ_BATCH, seq=256),
 }
 
 
@@ -454,8 +574,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="timed steps per side")
     parser.add_argument("--block", type=int, default=1, help="steps per alternation")
     parser.add_argument("--batch", type=int, default=None,
-                        help=f"batch of every size (default {DEFAULT_BATCH})")
-    parser.add_argument("--seq", type=int, default=128)
+                        help=f"batch of every size (default {DEFAULT_BATCH}; t5-seq2seq "
+                             f"{SEQ2SEQ_BATCH})")
+    parser.add_argument("--seq", type=int, default=None,
+                        help="tokens per row (default 128; t5-seq2seq: 256 source tokens, "
+                             "the target a quarter of the source)")
     parser.add_argument("--cores", type=int, default=None,
                         help="pin the process to this many cores (default: all)")
     parser.add_argument("--profile", action="store_true",
@@ -463,6 +586,12 @@ def main() -> None:
     parser.add_argument("--trace", default=None, help="with --profile: jax.profiler trace dir")
     parser.add_argument("--top", type=int, default=15, help="with --profile: rows per table")
     args = parser.parse_args()
+    pairs = args.pairs.split(",")
+    sizes = (args.sizes or ("small" if args.profile else "small,base")).split(",")
+    for names, known, flag in ((pairs, PAIRS, "--pairs"), (sizes, SIZES, "--sizes")):
+        for name in names:
+            if name not in known:
+                parser.error(f"{flag}: unknown {name!r}; choose from {sorted(known)}")
 
     allowed = sorted(os.sched_getaffinity(0))
     if args.cores:
@@ -474,16 +603,17 @@ def main() -> None:
           f"({jax.devices()[0].platform}, {jax.device_count()} device), torch {torch.__version__} "
           f"({torch.get_num_threads()} threads); XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
     rows = []
-    for pair_name in args.pairs.split(","):
-        for size in (args.sizes or ("small" if args.profile else "small,base")).split(","):
-            batch = args.batch or DEFAULT_BATCH[size]
-            pair = PAIRS[pair_name](size, batch, args.seq)
+    for pair_name in pairs:
+        for size in sizes:
+            spec = PAIRS[pair_name]
+            batch, seq = args.batch or spec.batch[size], args.seq or spec.seq
+            pair = spec.build(size, batch, seq)
             if args.profile:
-                print(f"{pair.name}: batch {batch}, seq {args.seq}")
+                print(f"{pair.name}: batch {batch}, seq {seq}")
                 profile(pair, args.trace, args.top)
                 continue
             r = measure(pair, args.steps, args.block)
-            print(f"{pair.name}: batch {batch} x seq {args.seq}; eval outputs differ by "
+            print(f"{pair.name}: batch {batch} x seq {seq}; eval outputs differ by "
                   f"{pair.output_diff:.1e}; first step ours {r['first_ours']:.1f} s, torch "
                   f"{r['first_torch']:.2f} s; first loss {r['loss_ours']:.4f} / "
                   f"{r['loss_torch']:.4f}; fastest step {r['ours_min']:.3f} / "
