@@ -22,9 +22,8 @@ scored (``score``) and what ``--mode=predict`` reads and prints (``predict_sourc
   originals' ``.replace(" ", "")``), scored by the task's ``score``; the first
   ``eval.num_samples`` outputs are the samples.
 - Model: ``lib.models.build(head="seq2seq_lm")``: the checkpoint of ``model.path`` with its own
-  tokenizer (``lib.word_tokenizer``; the port takes a word tokenizer's decoder start, EOS and
-  pad ids over the checkpoint config's: t5-pegasus's keeps mT5's defaults), or a scratch
-  ``model.family``
+  tokenizer (``lib.word_tokenizer``, whose decoder start, EOS and pad ids replace the
+  checkpoint config's: t5-pegasus's keeps mT5's defaults), or a scratch ``model.family``
   (``t5``, ``mt5``, ``pegasus``) with a character vocabulary of the training texts. A
   tokenizer with more ids than the model's embedding, or 128 or more fewer (T5 rounds its
   table up to a multiple of 128), is an error naming both sizes. ``model.lora.rank > 0``
@@ -34,6 +33,7 @@ scored (``score``) and what ``--mode=predict`` reads and prints (``predict_sourc
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from pathlib import Path
 from typing import Any
@@ -48,6 +48,7 @@ from lib import config as config_lib
 from lib.data import ArrayDataset, json_object_or_none, pad_and_stack, read_jsonl
 from lib.errors import UserError
 from lib.generate import generate
+from lib.word_tokenizer import JiebaBertTokenizer
 from tasks import base
 
 IGNORE = -100  # label of a position that is not a target (the Hugging Face convention)
@@ -229,6 +230,15 @@ class Task(base.Task):
         built = self.build_model("seq2seq_lm", max_length=int(self.config.data.max_source_length))
         tokenizer = built.tokenizer
         check_vocab(tokenizer, built.config.vocab_size, self.config.model.path)
+        if isinstance(tokenizer, JiebaBertTokenizer):
+            # t5-pegasus's config.json keeps mT5's defaults (start 0, eos 1); the original
+            # starts the decoder at [CLS] and ends at [SEP], as its tokenizer says. Training,
+            # decoding (lib.generate reads model.config) and the export use the tokenizer's.
+            cfg = dataclasses.replace(
+                built.config, decoder_start_token_id=tokenizer.decoder_start_token_id,
+                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+            built.model.config = cfg
+            self.built = built._replace(config=cfg)
         return built.model, tokenizer
 
     def vocab_texts(self) -> list[str]:

@@ -643,20 +643,10 @@ def seq2seq_port(name: str, model_cls: type[Seq2SeqLM], *, load: Callable, expor
     ``lib.word_tokenizer.load_seq2seq_tokenizer`` (t5-pegasus, Randeng-Pegasus and UER's T5
     read their ``vocab.txt``); PEFT adapters of task type ``SEQ_2_SEQ_LM``."""
     from lib.models import Port
-    from lib.word_tokenizer import JiebaBertTokenizer, load_seq2seq_tokenizer
+    from lib.word_tokenizer import load_seq2seq_tokenizer
 
     def load_head(model_dir, head, *, dtype, remat, num_labels=None, pooling=None):
-        model, cfg = load(model_dir, dtype=dtype, remat=remat)
-        tokenizer = load_seq2seq_tokenizer(model_dir)
-        if isinstance(tokenizer, JiebaBertTokenizer):
-            # t5-pegasus's config.json keeps mT5's defaults (start 0, eos 1); the original
-            # starts the decoder at [CLS] and ends at [SEP], as its tokenizer says. Training,
-            # decoding (lib.generate reads model.config) and the export use the tokenizer's.
-            cfg = dataclasses.replace(
-                cfg, decoder_start_token_id=tokenizer.decoder_start_token_id,
-                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-            model.config = cfg
-        return model, cfg
+        return load(model_dir, dtype=dtype, remat=remat)
 
     def scratch_config(model_cfg, tok, *, max_length=None, num_labels=None, pooling=None):
         return scratch(model_cfg, tok, max_length)
