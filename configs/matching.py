@@ -23,14 +23,14 @@ It prints ``global step 100, epoch: 1, loss: 0.52, speed: 2.5 step/s``, at each 
 lines and prints the two logits; the towers read one text per line and rank
 ``predict.candidates`` (``Used Xs.`` on stderr, then the ranking / the matches).
 
-Measured on a 2-core AMD EPYC machine shared with other work (load 5-7 while these ran:
-wall times are upper bounds; CPU = user + system seconds), macro F1 of the best checkpoint by
-dev F1, 1200 steps of 32:
+Measured on a 2-core AMD EPYC machine (load about 2; CPU = user + system seconds), macro F1
+of the best checkpoint by dev F1, 1200 steps of 32 (run twice, under load 5-7 and quiet: the
+same numbers):
 
   variant                dev F1 (step)    test F1   wall (CPU)
-  pointwise              0.515 (600)      0.513     6m24s (199 s)   (near chance, see below)
-  dssm                   0.821 (900)      0.801     15m46s (441 s)  (Spearman dev 0.674, test 0.681)
-  sentence-transformer   0.756 (1200)     0.741     13m15s (444 s)
+  pointwise              0.515 (600)      0.513     1m58s (197 s)   (near chance, see below)
+  dssm                   0.821 (900)      0.801     3m42s (408 s)   (Spearman dev 0.674, test 0.681)
+  sentence-transformer   0.756 (1200)     0.741     3m36s (389 s)
   TF-IDF baseline        0.873            0.888     0.5s
 
 The baseline (``benchmarks/baseline_matching.py``) is the cosine of character 1-2-gram
