@@ -100,13 +100,16 @@ class Task(sft.Task):
         budget = self.config.eval.max_new_tokens
         return int(budget.appreciation if part == "appreciation" else budget.generation)
 
-    def decode_part(self, model, eval_data: LoopEval, part: str, repeat: int) -> list[str]:
-        """Sampled answers to a part's prompts; the key depends on (eval.seed, repeat, part)."""
+    def decode_part(self, model, eval_data: LoopEval, part: str, repeat: int,
+                    samples: int = 1) -> list[str]:
+        """``samples`` sampled answers to each of a part's prompts, prompt by prompt (one
+        prefill per prompt); the key depends on (eval.seed, repeat, part)."""
         key = jax.random.fold_in(jax.random.key(int(self.config.eval.seed)), repeat)
         key = jax.random.fold_in(key, PARTS.index(part))
         return lm_data.generate_answers(
             model, eval_data.tokenizer, eval_data.prompts[part], rng=key,
-            max_new_tokens=self.max_new_tokens(part), **self.decode_settings(),
+            max_new_tokens=self.max_new_tokens(part), num_return_sequences=samples,
+            **self.decode_settings(),
         )
 
     def scores(self, eval_data: LoopEval, part: str, outputs: list[str]) -> dict[str, float]:
@@ -131,13 +134,7 @@ class Task(sft.Task):
         outputs = {}
         for part in eval_data.parts:
             t0 = time.perf_counter()
-            key = jax.random.fold_in(jax.random.key(int(self.config.eval.seed)), repeats)
-            key = jax.random.fold_in(key, PARTS.index(part))
-            outputs[part] = lm_data.generate_answers(
-                model, eval_data.tokenizer, eval_data.prompts[part], rng=key,
-                max_new_tokens=self.max_new_tokens(part), num_return_sequences=repeats,
-                **self.decode_settings(),
-            )
+            outputs[part] = self.decode_part(model, eval_data, part, repeats, samples=repeats)
             print(f"    {part}: {repeats} answers to each of {len(eval_data.prompts[part])} "
                   f"prompts ({time.perf_counter() - t0:.0f}s)", flush=True)
         for r in range(repeats):
